@@ -1,0 +1,3 @@
+from marketflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""Domain types shared by every layer.
+
+The per-tick path works on plain tuples and lists (an attrs instance per tick costs more than
+the whole fold); attrs types describe what crosses module boundaries less often.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import attrs
+
+# A parsed, validated update: (symbol, price, timestamp in ms).
+Tick = tuple[str, float, int]
+# What readers send down the fan-in channel: one source's ticks, in arrival order.
+TickBatch = tuple[str, list[Tick]]
+# A key is (source, symbol).
+Key = tuple[str, str]
+
+# A per-second bucket is a mutable list, indexed by these positions.
+COUNT, SUM, MIN, MAX, FIRST, LAST, FIRST_TS, LAST_TS = range(8)
+Bucket = list[float]
+
+
+class Reject(StrEnum):
+    """Why a feed line was refused (SPEC §2); the value is the metric label."""
+
+    TOO_LONG = "too_long"
+    MALFORMED = "malformed"
+    UNKNOWN_SYMBOL = "unknown_symbol"
+    BAD_PRICE = "bad_price"
+    BAD_TIMESTAMP = "bad_timestamp"
+
+
+class Mode(StrEnum):
+    LIVE = "live"
+    TEST = "test"
+
+
+class SourceStatus(StrEnum):
+    CONNECTED = "connected"
+    CONNECTING = "connecting"
+    DISCONNECTED = "disconnected"
+
+
+def new_bucket(price: float, ts: int) -> Bucket:
+    return [1, price, price, price, price, price, ts, ts]
+
+
+def fold_bucket(bucket: Bucket, price: float, ts: int) -> None:
+    """Add one tick; first/last by timestamp, ties by arrival (SPEC §4)."""
+    bucket[COUNT] += 1
+    bucket[SUM] += price
+    if price < bucket[MIN]:
+        bucket[MIN] = price
+    if price > bucket[MAX]:
+        bucket[MAX] = price
+    if ts < bucket[FIRST_TS]:
+        bucket[FIRST] = price
+        bucket[FIRST_TS] = ts
+    if ts >= bucket[LAST_TS]:
+        bucket[LAST] = price
+        bucket[LAST_TS] = ts
+
+
+def merge_bucket(into: Bucket, other: Bucket) -> None:
+    """Fold a whole bucket into another; `other` counts as arriving later."""
+    into[COUNT] += other[COUNT]
+    into[SUM] += other[SUM]
+    into[MIN] = min(into[MIN], other[MIN])
+    into[MAX] = max(into[MAX], other[MAX])
+    if other[FIRST_TS] < into[FIRST_TS]:
+        into[FIRST] = other[FIRST]
+        into[FIRST_TS] = other[FIRST_TS]
+    if other[LAST_TS] >= into[LAST_TS]:
+        into[LAST] = other[LAST]
+        into[LAST_TS] = other[LAST_TS]
+
+
+def encode_bucket(second: int, bucket: Bucket) -> str:
+    """The Redis window member of SPEC §5; repr() is the shortest round-tripping decimal."""
+    return (
+        f"{second}|{int(bucket[COUNT])}|{bucket[SUM]!r}|{bucket[MIN]!r}|{bucket[MAX]!r}"
+        f"|{bucket[FIRST]!r}|{bucket[LAST]!r}"
+    )
+
+
+def decode_bucket(member: str) -> tuple[int, Bucket]:
+    """Inverse of `encode_bucket`; first/last timestamps are not stored, so the second's start."""
+    second_s, count, total, low, high, first, last = member.split("|")
+    second = int(second_s)
+    ts = second * 1000
+    return second, [int(count), float(total), float(low), float(high), float(first),
+                    float(last), ts, ts]
+
+
+@attrs.frozen
+class LatestPrice:
+    source: str
+    symbol: str
+    price: float
+    ts: int
+
+
+@attrs.frozen
+class MinuteRow:
+    """One (source, symbol, minute) aggregate as PostgreSQL stores it; `minute` is ms of its start."""
+
+    exchange: str
+    symbol: str
+    minute: int
+    count: int
+    total: float
+    low: float
+    high: float
+    open: float
+    close: float
+
+    @property
+    def average(self) -> float:
+        return self.total / self.count
+
+    @classmethod
+    def from_bucket(cls, exchange: str, symbol: str, minute: int, b: Bucket) -> MinuteRow:
+        return cls(exchange, symbol, minute, int(b[COUNT]), b[SUM], b[MIN], b[MAX],
+                   b[FIRST], b[LAST])
+
+    def as_bucket(self) -> Bucket:
+        """A row resumed from storage, as a bucket that sorts before any later tick."""
+        return [self.count, self.total, self.low, self.high, self.open, self.close,
+                self.minute, self.minute]
+
+
+@attrs.frozen
+class Extreme:
+    """Highest or lowest price over a range, and where it happened."""
+
+    price: float
+    at: int  # ms start of the bucket (second or minute) holding it
+    exchange: str
+
+
+@attrs.frozen
+class RangeStats:
+    """What a statistics answer needs from one store for one range."""
+
+    count: int
+    total: float
+    high: Extreme | None
+    low: Extreme | None
+    first_ms: int  # start of the earliest bucket seen
+    last_ms: int  # start of the latest bucket seen
