@@ -150,3 +150,20 @@ class RangeStats:
     low: Extreme | None
     first_ms: int  # start of the earliest bucket seen
     last_ms: int  # start of the latest bucket seen
+
+
+@attrs.define
+class SourceStats:
+    """Live counters of one source, read by /health and /metrics."""
+
+    name: str
+    status: SourceStatus = SourceStatus.DISCONNECTED
+    messages: int = 0
+    rejected_by_reason: dict[str, int] = attrs.Factory(lambda: {r.value: 0 for r in Reject})
+    reconnects: int = 0
+    last_message_at: float | None = None  # trio.current_time() of the last valid line
+    active: bool = False  # part of the current mode
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejected_by_reason.values())

@@ -1,0 +1,1 @@
+"""Load-test tools; not part of the installed package."""

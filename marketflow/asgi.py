@@ -1,0 +1,24 @@
+"""Entry point for Hypercorn's own command:
+
+    MARKETFLOW_CONFIG=config.toml hypercorn --worker-class trio 'marketflow.asgi:create_app()'
+
+The ASGI lifespan owns the service here: startup starts it in the app's nursery, shutdown
+drains it exactly as the `marketflow` command does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from marketflow.api.app import create_app as _create_api
+from marketflow.config import load_config
+from marketflow.logs import configure_logging
+
+
+def create_app() -> Any:
+    path = os.environ.get("MARKETFLOW_CONFIG")
+    config = load_config(Path(path) if path else None)
+    configure_logging(config.log.level, config.log.format)
+    return _create_api(config, service=None)

@@ -1,0 +1,206 @@
+"""The ingest pipeline of SPEC §4: sources -> fan-in channel -> distributor -> workers -> state.
+
+Channels carry batches. The distributor shards by key, so one key is always folded by one
+worker, in arrival order. Sources of the current mode run in their own cancel scope so a mode
+switch stops them without touching what they already sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+
+import trio
+
+from marketflow.config import Config
+from marketflow.feeds.reader import read_feed
+from marketflow.generator import generate
+from marketflow.models import Key, Mode, SourceStats, SourceStatus, Tick, TickBatch
+from marketflow.state import MarketState
+
+log = logging.getLogger("marketflow.pipeline")
+
+FAN_IN_BATCHES = 1024  # bounded: a stalled worker pool slows readers, it never grows memory
+WORKER_BATCHES = 64
+
+WorkItem = list[tuple[Key, list[Tick]]]
+
+
+class Pipeline:
+    """Owns the fan-in channel, the distributor, the workers and the running sources."""
+
+    def __init__(
+        self, config: Config, state: MarketState, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.clock = clock
+        self.mode = Mode(config.app.mode)
+        self.stats = {name: SourceStats(name) for name in config.all_sources}
+        self._send, self._recv = trio.open_memory_channel[TickBatch](FAN_IN_BATCHES)
+        widest = max(len(config.live_sources), len(config.test_sources))
+        self.worker_count = config.app.workers_per_exchange * widest
+        self._worker_sends: list[trio.MemorySendChannel[WorkItem]] = []
+        self._worker_recvs: list[trio.MemoryReceiveChannel[WorkItem]] = []
+        for _ in range(self.worker_count):
+            send, recv = trio.open_memory_channel[WorkItem](WORKER_BATCHES)
+            self._worker_sends.append(send)
+            self._worker_recvs.append(recv)
+        self._shards: dict[Key, int] = {}
+        self._sources_nursery: trio.Nursery | None = None
+        self._sources_scope: trio.CancelScope | None = None
+        self._switch_lock = trio.Lock()
+        self.drained = trio.Event()
+
+    # --- the per-tick path -------------------------------------------------------------------
+
+    async def send_batch(self, source: str, ticks: list[Tick]) -> None:
+        """Hand one batch to the pipeline; shielded so a mode switch never drops a read batch."""
+        with trio.CancelScope(shield=True):
+            await self._send.send((source, ticks))
+
+    def _shard(self, key: Key) -> int:
+        shard = self._shards.get(key)
+        if shard is None:
+            crc = zlib.crc32(f"{key[0]}\0{key[1]}".encode())
+            shard = self._shards[key] = crc % self.worker_count
+        return shard
+
+    async def _distribute(self) -> None:
+        """Split each batch by key and pass each worker its part; ends when the fan-in closes."""
+        async with AsyncExitStack() as stack:
+            for send in self._worker_sends:
+                await stack.enter_async_context(send)
+            async with self._recv:
+                async for source, ticks in self._recv:
+                    groups: dict[str, list[Tick]] = {}
+                    for tick in ticks:
+                        group = groups.get(tick[0])
+                        if group is None:
+                            groups[tick[0]] = group = []
+                        group.append(tick)
+                    per_worker: dict[int, WorkItem] = {}
+                    for symbol, group in groups.items():
+                        key = (source, symbol)
+                        per_worker.setdefault(self._shard(key), []).append((key, group))
+                    for worker, item in per_worker.items():
+                        await self._worker_sends[worker].send(item)
+
+    async def _work(self, recv: trio.MemoryReceiveChannel[WorkItem]) -> None:
+        state = self.state
+        async with recv:
+            async for item in recv:
+                for (source, symbol), ticks in item:
+                    state.late += state.key(source, symbol).fold(ticks)
+                    state.updates_total += len(ticks)
+
+    @property
+    def queue_depth(self) -> int:
+        """Batches waiting in the fan-in and worker channels."""
+        depth = self._recv.statistics().current_buffer_used
+        return depth + sum(r.statistics().current_buffer_used for r in self._worker_recvs)
+
+    # --- lifetime ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run distributor, workers and the current mode's sources until `stop()` drains them.
+
+        On `stop()` the sources are cancelled, the fan-in is closed, and the distributor and
+        workers finish every batch already read before this returns.
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._distribute)
+            async with trio.open_nursery() as workers:
+                for recv in self._worker_recvs:
+                    workers.start_soon(self._work, recv)
+                async with trio.open_nursery() as sources:
+                    self._sources_nursery = sources
+                    self._sources_scope = await sources.start(self._run_sources, self.mode)
+                    task_status.started()
+                    # `stop()` cancels the sources; this nursery then ends.
+                self._sources_nursery = None
+                await self._send.aclose()
+        self.drained.set()
+
+    def stop(self) -> None:
+        """Stop every source; `run()` then drains and returns."""
+        if self._sources_scope is not None:
+            self._sources_scope.cancel()
+
+    async def switch_mode(self, mode: Mode) -> bool:
+        """Stop the current sources and start `mode`'s; False if `mode` is already current."""
+        async with self._switch_lock:
+            if mode == self.mode:
+                return False
+            if self._sources_nursery is None:
+                raise RuntimeError("the pipeline is not running")
+            if self._sources_scope is not None:
+                self._sources_scope.cancel()
+            previous = self.mode
+            self.mode = mode
+            self._sources_scope = await self._sources_nursery.start(self._run_sources, mode)
+            log.info(
+                "mode switched", extra={"ctx": {"mode": mode.value, "previous": previous.value}}
+            )
+            return True
+
+    def sources(self, mode: Mode | None = None) -> list[str]:
+        return self.config.sources_for((mode or self.mode).value)
+
+    async def _run_sources(
+        self,
+        mode: Mode,
+        *,
+        task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        app = self.config.app
+        names = self.config.sources_for(mode.value)
+        with trio.CancelScope() as scope:
+            try:
+                for name, stats in self.stats.items():
+                    stats.active = name in names
+                async with trio.open_nursery() as nursery:
+                    if mode is Mode.LIVE:
+                        for exchange in self.config.exchanges:
+                            await nursery.start(
+                                lambda task_status, ex=exchange: read_feed(
+                                    ex,
+                                    self.send_batch,
+                                    self.stats[ex.name],
+                                    symbols=app.symbols,
+                                    max_line_bytes=app.max_line_bytes,
+                                    max_skew_ms=app.max_clock_skew_s * 1000,
+                                    stale_after_s=app.stale_after_s,
+                                    reconnect_max_delay_s=app.reconnect_max_delay_s,
+                                    clock=self.clock,
+                                    task_status=task_status,
+                                )
+                            )
+                    else:
+                        for index, name in enumerate(names):
+                            nursery.start_soon(self._run_generator, name, index)
+                    task_status.started(scope)
+            finally:
+                for name in names:
+                    self.stats[name].status = SourceStatus.DISCONNECTED
+
+    async def _run_generator(self, name: str, index: int) -> None:
+        stats = self.stats[name]
+        stats.status = SourceStatus.CONNECTED
+
+        async def send(source: str, ticks: list[Tick]) -> None:
+            stats.messages += len(ticks)
+            stats.last_message_at = trio.current_time()
+            await self.send_batch(source, ticks)
+
+        await generate(
+            name,
+            list(self.config.app.symbols),
+            self.config.test.rate,
+            send,
+            seed=None,
+            clock=self.clock,
+        )

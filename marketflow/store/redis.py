@@ -1,0 +1,103 @@
+"""Redis adapter (SPEC §5): latest prices and per-second windows, one pipeline per flush.
+
+Blocking: the core calls it through `trio.to_thread`. Timeouts are short and retries off, so a
+dead Redis costs one `timeout_ms`, not a library's retry storm.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from marketflow.config import RedisConfig
+from marketflow.models import Bucket, Key, LatestPrice, decode_bucket, encode_bucket
+from marketflow.ports import FlushPlan
+
+
+class RedisPriceStore:
+    """Owns one redis-py client (its own small connection pool)."""
+
+    def __init__(self, config: RedisConfig, *, window_seconds: int, ttl_seconds: int) -> None:
+        timeout = config.timeout_ms / 1000
+        self._client = redis.Redis(
+            host=config.host,
+            port=config.port,
+            db=config.db,
+            password=config.password or None,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+            decode_responses=True,
+        )
+        self.prefix = config.key_prefix
+        self.window_seconds = window_seconds
+        self.ttl_seconds = ttl_seconds
+
+    def latest_key(self, key: Key) -> str:
+        return f"{self.prefix}latest:{{{key[0]}:{key[1]}}}"
+
+    def window_key(self, key: Key) -> str:
+        return f"{self.prefix}window:{{{key[0]}:{key[1]}}}"
+
+    def write(self, plan: FlushPlan) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for latest in plan.latest:
+            name = self.latest_key((latest.source, latest.symbol))
+            pipe.hset(name, mapping={"price": repr(latest.price), "ts": str(latest.ts)})
+            pipe.expire(name, self.ttl_seconds)
+        for key, seconds in plan.buckets.items():
+            name = self.window_key(key)
+            for second, bucket in seconds:
+                # One member per second: drop the second's previous member, add the new one.
+                pipe.zremrangebyscore(name, second, second)
+                pipe.zadd(name, {encode_bucket(second, bucket): second})
+        trim_below = plan.now_s - self.window_seconds
+        for key in plan.touched:
+            name = self.window_key(key)
+            pipe.zremrangebyscore(name, "-inf", f"({trim_below + 1}")
+            pipe.expire(name, self.window_seconds + 10)
+        pipe.execute()
+
+    def read_windows(
+        self, keys: Sequence[Key], since_s: int
+    ) -> dict[Key, list[tuple[int, Bucket]]]:
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.zrangebyscore(self.window_key(key), since_s, "+inf")
+        out: dict[Key, list[tuple[int, Bucket]]] = {}
+        for key, members in zip(keys, pipe.execute(), strict=True):
+            decoded = []
+            for member in members:
+                try:
+                    decoded.append(decode_bucket(member))
+                except ValueError:
+                    continue  # not ours: never let a foreign member break a restore
+            if decoded:
+                out[key] = decoded
+        return out
+
+    def read_latest(self, keys: Sequence[Key]) -> dict[Key, LatestPrice]:
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(self.latest_key(key))
+        out: dict[Key, LatestPrice] = {}
+        for key, fields in zip(keys, pipe.execute(), strict=True):
+            try:
+                out[key] = LatestPrice(key[0], key[1], float(fields["price"]), int(fields["ts"]))
+            except (KeyError, ValueError):
+                continue
+        return out
+
+    def ping(self) -> float:
+        started = time.perf_counter()
+        self._client.ping()
+        return (time.perf_counter() - started) * 1000
+
+    def close(self) -> None:
+        self._client.close()

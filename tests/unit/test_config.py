@@ -1,0 +1,122 @@
+"""Config precedence (flags > env > file > defaults) and errors that name the key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import attrs
+import pytest
+
+from marketflow.config import Config, ConfigError, config_path, load_config, parse_period
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_match_the_spec() -> None:
+    c = load_config(None, {})
+    assert (c.http.host, c.http.port, c.http.admin_token) == ("127.0.0.1", 8080, "")
+    assert c.app.mode == "test" and c.app.window_seconds == 300 and c.app.grace_ms == 2000
+    assert [(e.name, e.port) for e in c.exchanges] == [
+        ("exchange1", 40101), ("exchange2", 40102), ("exchange3", 40103)
+    ]
+    assert c.test.sources == ["test-exchange1", "test-exchange2", "test-exchange3"]
+    assert c.app.symbols == ["BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT"]
+
+
+def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[http]\nport = 9000\n[postgres]\nhost = 'file'\n[app]\nmode = 'live'\n")
+    assert load_config(path, {}).http.port == 9000
+    env = {"MARKETFLOW_HTTP_PORT": "9100", "DB_HOST": "envdb", "REDIS_HOST": "envredis"}
+    c = load_config(path, env)
+    assert (c.http.port, c.postgres.host, c.redis.host, c.app.mode) == (9100, "envdb", "envredis", "live")
+    c = load_config(path, env, flags={"http": {"port": 9200}, "app": {"mode": "test"}})
+    assert (c.http.port, c.app.mode) == (9200, "test")
+    c = load_config(path, {"MARKETFLOW_POSTGRES_HOST": "specific", "DB_HOST": "generic"})
+    assert c.postgres.host == "specific"
+
+
+def test_env_lists_and_exchanges(tmp_path: Path) -> None:
+    c = load_config(None, {"MARKETFLOW_APP_SYMBOLS": "BTCUSDT, ETHUSDT"})
+    assert c.app.symbols == ["BTCUSDT", "ETHUSDT"]
+    path = write(tmp_path, "[[exchanges]]\nname='a'\nhost='h'\nport=1\n")
+    assert [e.name for e in load_config(path, {}).exchanges] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[app]\nworkers_per_exchange = 'five'\n", "workers_per_exchange"),
+        ("[app]\nnope = 1\n", "nope"),
+        ("[nope]\nx = 1\n", "nope"),
+        ("[app]\nwindow_seconds = true\n", "window_seconds"),
+        ("[app]\nmode = 'paper'\n", "app.mode"),
+        ("[app]\nsymbols = ['BTC/USD']\n", "app.symbols"),
+        ("[app]\nflush_interval_ms = 0\n", "flush_interval_ms"),
+        ("[app]\nmax_period = '10y'\n", "max_period"),
+        ("[http]\nport = 70000\n", "http.port"),
+        ("[[exchanges]]\nname='bad name'\nhost='h'\nport=1\n", "bad name"),
+        ("[[exchanges]]\nname='a'\nport=1\n", "host"),
+        ("[log]\nformat = 'xml'\n", "log.format"),
+        ("not toml at all [", "config.toml"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(write(tmp_path, text), {})
+
+
+def test_bad_env_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="MARKETFLOW_HTTP_PORT"):
+        load_config(None, {"MARKETFLOW_HTTP_PORT": "eighty"})
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml", {})
+
+
+def test_config_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert config_path(None, {}) is None
+    write(tmp_path, "")
+    assert config_path(None, {}) == Path("config.toml")
+    assert config_path(None, {"MARKETFLOW_CONFIG": "x.toml"}) == Path("x.toml")
+    assert config_path("y.toml", {"MARKETFLOW_CONFIG": "x.toml"}) == Path("y.toml")
+
+
+def test_secrets_are_not_in_repr() -> None:
+    c = load_config(None, {"MARKETFLOW_POSTGRES_PASSWORD": "s3cret-pw",
+                           "MARKETFLOW_HTTP_ADMIN_TOKEN": "tok-123456"})
+    assert "s3cret-pw" not in repr(c) and "tok-123456" not in repr(c)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1s", 1), ("30s", 30), ("5m", 300), ("1h30m", 5400), ("7d", 604800), ("abc", None),
+     ("-1m", None), ("1.5m", None), ("10y", None), ("", None), ("1m1m", None), ("m", None)],
+)
+def test_parse_period(text: str, seconds: int | None) -> None:
+    assert parse_period(text) == seconds
+
+
+def test_every_config_key_is_documented() -> None:
+    """Like datasette: a key that the README does not mention is a key users cannot find."""
+    readme = README.read_text()
+    attrs.resolve_types(Config)
+    checked = 0
+    for table in attrs.fields(Config):
+        cls = table.type if isinstance(table.type, type) else None
+        if cls is None or not attrs.has(cls):
+            continue
+        attrs.resolve_types(cls)
+        for field in attrs.fields(cls):
+            checked += 1
+            assert f"`{field.name}`" in readme, f"[{table.name}].{field.name} is not in README"
+    assert checked > 40
