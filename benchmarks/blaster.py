@@ -100,11 +100,11 @@ def blast(
     try:
         while True:
             now = time.monotonic()
-            if now >= end:
-                break
             if rounds_per_s is None:
+                if now >= end:
+                    break
                 due = pool.max_rounds
-            else:
+            else:  # what is due by now, and at the end exactly seconds * rate
                 due = math.floor(min(now - start, seconds) * rounds_per_s) - rounds_sent
             while due > 0:
                 rounds = min(due, pool.max_rounds)
@@ -116,6 +116,8 @@ def blast(
                 if rounds_per_s is None:
                     break
             if rounds_per_s is not None:
+                if now >= end:
+                    break
                 tick += 1
                 pause = start + tick * TICK_S - time.monotonic()
                 if pause > 0:
@@ -220,7 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
-    return run(args)
+    try:
+        return run(args)
+    except Stop:  # between the steps that handle it themselves
+        return 0
 
 
 if __name__ == "__main__":

@@ -119,4 +119,4 @@ def test_every_config_key_is_documented() -> None:
         for field in attrs.fields(cls):
             checked += 1
             assert f"`{field.name}`" in readme, f"[{table.name}].{field.name} is not in README"
-    assert checked > 40
+    assert checked >= 35

@@ -1,0 +1,159 @@
+"""A durable, append-only journal of row batches not yet committed to PostgreSQL (SPEC §6)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import orjson
+
+from marketflow.models import MinuteRow
+
+log = logging.getLogger("marketflow.journal")
+
+JOURNAL_FILE = "aggregates.journal"
+FORMAT_VERSION = 1
+
+
+def encode_batch(rows: Sequence[MinuteRow]) -> bytes:
+    """One line: `<crc32 of the payload, 8 hex digits> <JSON payload>\\n`."""
+    payload = orjson.dumps(
+        {
+            "v": FORMAT_VERSION,
+            "rows": [
+                [r.exchange, r.symbol, r.minute, r.count, r.total, r.low, r.high, r.open, r.close]
+                for r in rows
+            ],
+        }
+    )
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def decode_batch(line: bytes) -> list[MinuteRow] | None:
+    """The batch on one line, or None when the line is torn or corrupt."""
+    if not line.endswith(b"\n"):
+        return None
+    checksum, _, payload = line[:-1].partition(b" ")
+    try:
+        if len(checksum) != 8 or int(checksum, 16) != zlib.crc32(payload):
+            return None
+        doc = orjson.loads(payload)
+        if doc["v"] != FORMAT_VERSION:
+            return None
+        return [
+            MinuteRow(
+                str(e), str(s), int(m), int(c), float(t), float(lo), float(hi), float(o), float(cl)
+            )
+            for e, s, m, c, t, lo, hi, o, cl in doc["rows"]
+        ]
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+class FileJournal:
+    """Owns one append-only file of batches waiting for PostgreSQL (satisfies `Journal`).
+
+    One batch per line with a checksum. `append` returns only once the line is on disk (fsync).
+    A torn last line, left by a crash in the middle of an append that therefore never returned,
+    is cut off with a warning when the journal is opened; a corrupt line elsewhere is skipped
+    with a warning. Blocking and thread-safe: the caller runs it through `trio.to_thread`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._size = 0  # bytes of whole lines in the file
+        self._rows = 0
+        self._recover()
+
+    @classmethod
+    def in_data_dir(cls, data_dir: str | os.PathLike[str]) -> FileJournal:
+        return cls(Path(data_dir) / JOURNAL_FILE)
+
+    def append(self, rows: Sequence[MinuteRow]) -> None:
+        if not rows:
+            return
+        line = encode_batch(rows)
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                written = 0
+                while written < len(line):
+                    written += os.write(fd, line[written:])
+                os.fsync(fd)
+            except OSError:
+                # Never leave half a line for the next append to be glued to.
+                os.ftruncate(fd, self._size)
+                raise
+            finally:
+                os.close(fd)
+            self._size += len(line)
+            self._rows += len(rows)
+
+    def batches(self) -> Iterator[list[MinuteRow]]:
+        """Batches appended before this call, oldest first."""
+        with self._lock:
+            end = self._size
+        position = 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                position += len(line)
+                if position > end:
+                    break
+                batch = decode_batch(line)
+                if batch is None:
+                    log.warning(
+                        "skipping a corrupt journal line in %s at byte %d",
+                        self.path,
+                        position - len(line),
+                    )
+                    continue
+                yield batch
+
+    def truncate(self) -> None:
+        with self._lock, open(self.path, "wb") as f:
+            f.flush()
+            os.fsync(f.fileno())
+            self._size = 0
+            self._rows = 0
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def _recover(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            with open(self.path, "ab") as f:
+                os.fsync(f.fileno())
+            _fsync_dir(self.path.parent)
+            return
+        with open(self.path, "r+b") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    log.warning(
+                        "cutting a torn last line (%d bytes) off journal %s", len(line), self.path
+                    )
+                    f.truncate(self._size)
+                    os.fsync(f.fileno())
+                    break
+                batch = decode_batch(line)
+                if batch is None:
+                    log.warning(
+                        "skipping a corrupt journal line in %s at byte %d", self.path, self._size
+                    )
+                else:
+                    self._rows += len(batch)
+                self._size += len(line)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a new file's directory entry durable too."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

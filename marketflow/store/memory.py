@@ -1,0 +1,85 @@
+"""In-memory fakes of the store ports, for unit tests and for running without the real stores."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from marketflow.models import Extreme, MinuteRow, RangeStats
+
+
+class MemoryAggregateStore:
+    """Owns a dict of minute rows keyed by (exchange, symbol, minute): a fake `AggregateStore`.
+
+    Same semantics as `PostgresAggregateStore`: an upsert overwrites the row on its key (the last
+    of duplicates wins), ranges are [from_ms, to_ms) with None open, ties on an extreme go to the
+    earliest minute. `batches` records every upsert call; set `fail_with` to make every call raise
+    it, as an unreachable database would.
+    """
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[str, str, int], MinuteRow] = {}
+        self.batches: list[list[MinuteRow]] = []
+        self.fail_with: Exception | None = None
+        self.migrated = False
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def _check(self) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    def migrate(self) -> None:
+        self._check()
+        self.migrated = True
+
+    def upsert(self, rows: Sequence[MinuteRow]) -> None:
+        self._check()
+        with self._lock:
+            self.batches.append(list(rows))
+            for row in rows:
+                self.data[(row.exchange, row.symbol, row.minute)] = row
+
+    def rows(self, exchange: str, symbol: str, from_ms: int, to_ms: int) -> list[MinuteRow]:
+        self._check()
+        return self._select(exchange, symbol, from_ms, to_ms)
+
+    def range_stats(
+        self, exchange: str, symbol: str, from_ms: int | None, to_ms: int | None
+    ) -> RangeStats | None:
+        self._check()
+        found = self._select(exchange, symbol, from_ms, to_ms)
+        if not found:
+            return None
+        high = min(found, key=lambda r: (-r.high, r.minute))
+        low = min(found, key=lambda r: (r.low, r.minute))
+        return RangeStats(
+            count=sum(r.count for r in found),
+            total=sum(r.total for r in found),
+            high=Extreme(high.high, high.minute, exchange),
+            low=Extreme(low.low, low.minute, exchange),
+            first_ms=found[0].minute,
+            last_ms=found[-1].minute,
+        )
+
+    def ping(self) -> float:
+        self._check()
+        return 0.0
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _select(
+        self, exchange: str, symbol: str, from_ms: int | None, to_ms: int | None
+    ) -> list[MinuteRow]:
+        with self._lock:
+            found = [
+                row
+                for (ex, sym, minute), row in self.data.items()
+                if ex == exchange
+                and sym == symbol
+                and (from_ms is None or minute >= from_ms)
+                and (to_ms is None or minute < to_ms)
+            ]
+        found.sort(key=lambda r: r.minute)
+        return found

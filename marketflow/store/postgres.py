@@ -1,0 +1,375 @@
+"""PostgreSQL adapter for per-minute aggregates (SPEC §6). Schema and queries: docs/storage.md."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from importlib import resources
+from types import TracebackType
+from typing import Any, Self
+
+import attrs
+import psycopg
+from psycopg import errors, sql
+
+from marketflow.config import PostgresConfig
+from marketflow.models import Extreme, MinuteRow, RangeStats
+
+log = logging.getLogger("marketflow.postgres")
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+# Open range bounds are clamped to these (0001-01-01 and 9999-12-31 UTC, in ms).
+MIN_MS = -62_135_596_800_000
+MAX_MS = 253_402_214_400_000
+# One advisory lock key shared by every instance: migrations run one at a time, once.
+MIGRATION_LOCK_KEY = 0x6D66_6D69_6772  # "mfmigr"
+# Rows per INSERT statement; several statements still share the batch's one transaction.
+UPSERT_CHUNK = 1000
+
+# ms <-> timestamptz conversions done by the server, exactly (no float seconds on the way).
+UPSERT_SQL = """
+INSERT INTO aggregates AS a
+    (exchange, pair_name, "timestamp", tick_count, average_price, min_price, max_price,
+     open_price, close_price)
+SELECT e, s, timestamptz 'epoch' + m * interval '1 millisecond', c, av, lo, hi, op, cl
+  FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::float8[], %s::float8[],
+              %s::float8[], %s::float8[], %s::float8[]) AS u (e, s, m, c, av, lo, hi, op, cl)
+ON CONFLICT (exchange, pair_name, "timestamp") DO UPDATE SET
+    tick_count = EXCLUDED.tick_count,
+    average_price = EXCLUDED.average_price,
+    min_price = EXCLUDED.min_price,
+    max_price = EXCLUDED.max_price,
+    open_price = EXCLUDED.open_price,
+    close_price = EXCLUDED.close_price
+-- A replay of identical values writes nothing (no dead tuple, no rollup refresh).
+WHERE (a.tick_count, a.average_price, a.min_price, a.max_price, a.open_price, a.close_price)
+      IS DISTINCT FROM (EXCLUDED.tick_count, EXCLUDED.average_price, EXCLUDED.min_price,
+                        EXCLUDED.max_price, EXCLUDED.open_price, EXCLUDED.close_price)
+"""
+
+ROWS_SQL = """
+SELECT exchange, pair_name, (extract(epoch FROM "timestamp") * 1000)::bigint, tick_count,
+       average_price * tick_count, min_price, max_price, open_price, close_price
+  FROM aggregates
+ WHERE exchange = %(exchange)s AND pair_name = %(symbol)s
+   AND "timestamp" >= timestamptz 'epoch' + %(from_ms)s::bigint * interval '1 millisecond'
+   AND "timestamp" < timestamptz 'epoch' + %(to_ms)s::bigint * interval '1 millisecond'
+ ORDER BY "timestamp"
+"""
+
+# Whole hours come from the rollup, the partial hours at either end from the minutes; every
+# branch is an index range scan on one series. Ties on an extreme go to the earliest minute.
+RANGE_STATS_SQL = """
+WITH parts AS (
+    SELECT tick_count, price_sum, min_price, min_at, max_price, max_at, first_minute, last_minute
+      FROM aggregates_hourly
+     WHERE exchange = %(exchange)s AND pair_name = %(symbol)s
+       AND hour >= timestamptz 'epoch' + %(hours_from)s::bigint * interval '1 millisecond'
+       AND hour < timestamptz 'epoch' + %(hours_to)s::bigint * interval '1 millisecond'
+    UNION ALL
+    SELECT tick_count, average_price * tick_count, min_price, "timestamp", max_price, "timestamp",
+           "timestamp", "timestamp"
+      FROM aggregates
+     WHERE exchange = %(exchange)s AND pair_name = %(symbol)s
+       AND "timestamp" >= timestamptz 'epoch' + %(from_ms)s::bigint * interval '1 millisecond'
+       AND "timestamp" < timestamptz 'epoch' + %(head_to)s::bigint * interval '1 millisecond'
+    UNION ALL
+    SELECT tick_count, average_price * tick_count, min_price, "timestamp", max_price, "timestamp",
+           "timestamp", "timestamp"
+      FROM aggregates
+     WHERE exchange = %(exchange)s AND pair_name = %(symbol)s
+       AND "timestamp" >= timestamptz 'epoch' + %(tail_from)s::bigint * interval '1 millisecond'
+       AND "timestamp" < timestamptz 'epoch' + %(to_ms)s::bigint * interval '1 millisecond'
+)
+SELECT t.tick_count, t.price_sum,
+       hi.max_price, (extract(epoch FROM hi.max_at) * 1000)::bigint,
+       lo.min_price, (extract(epoch FROM lo.min_at) * 1000)::bigint,
+       (extract(epoch FROM t.first_minute) * 1000)::bigint,
+       (extract(epoch FROM t.last_minute) * 1000)::bigint
+  FROM (SELECT sum(tick_count)::bigint AS tick_count, sum(price_sum) AS price_sum,
+               min(first_minute) AS first_minute, max(last_minute) AS last_minute
+          FROM parts) AS t,
+       (SELECT max_price, max_at FROM parts ORDER BY max_price DESC, max_at LIMIT 1) AS hi,
+       (SELECT min_price, min_at FROM parts ORDER BY min_price, min_at LIMIT 1) AS lo
+"""
+
+MIGRATIONS_TABLE_SQL = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+class PostgresStoreError(Exception):
+    """A PostgreSQL call failed: unreachable, timed out or refused. Never holds the password."""
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@attrs.frozen
+class Migration:
+    version: int
+    name: str
+    script: bytes
+
+
+_MIGRATION_FILE = re.compile(r"(\d{4})_(\w+)\.sql")
+
+
+def load_migrations() -> list[Migration]:
+    """The `sql/NNNN_name.sql` files shipped inside the package, in version order."""
+    found = []
+    for entry in (resources.files("marketflow") / "sql").iterdir():
+        match = _MIGRATION_FILE.fullmatch(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_bytes()))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"duplicate migration versions in marketflow/sql: {versions}")
+    return found
+
+
+def range_params(
+    exchange: str, symbol: str, from_ms: int | None, to_ms: int | None
+) -> dict[str, Any]:
+    """Split [from_ms, to_ms) into whole hours (rollup) and the minutes at either end."""
+    low = MIN_MS if from_ms is None else max(from_ms, MIN_MS)
+    high = MAX_MS if to_ms is None else min(to_ms, MAX_MS)
+    hours_from = -(-low // HOUR_MS) * HOUR_MS  # first hour starting at or after `low`
+    hours_to = high // HOUR_MS * HOUR_MS  # hours ending at or before `high`
+    if hours_from >= hours_to:  # no whole hour inside: read minutes only
+        hours_from = hours_to = head_to = tail_from = high
+    else:
+        head_to, tail_from = hours_from, hours_to
+    return {
+        "exchange": exchange,
+        "symbol": symbol,
+        "from_ms": low,
+        "to_ms": high,
+        "hours_from": hours_from,
+        "hours_to": hours_to,
+        "head_to": head_to,
+        "tail_from": tail_from,
+    }
+
+
+class PostgresAggregateStore:
+    """Owns one PostgreSQL connection and the `aggregates` schema (satisfies `AggregateStore`).
+
+    Blocking and thread-safe (calls are serialised); the caller runs them through
+    `trio.to_thread`. Every call is bounded: `connect_timeout_s` to connect, `statement_timeout_ms`
+    per statement, TCP keepalives for a peer that vanishes. The connection opens lazily; the first
+    one creates the database if it is missing and applies pending migrations. After any error the
+    connection is dropped and the next call reconnects. Errors surface as `PostgresStoreError`.
+    """
+
+    def __init__(
+        self,
+        config: PostgresConfig,
+        *,
+        statement_timeout_ms: int = 5000,
+        connect_timeout_s: int = 2,
+        migration_timeout_ms: int = 60_000,
+    ) -> None:
+        self._config = config
+        self._statement_timeout_ms = statement_timeout_ms
+        self._connect_timeout_s = connect_timeout_s
+        self._migration_timeout_ms = migration_timeout_ms
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
+        self._migrated = False
+
+    # -- AggregateStore ---------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        self._call(self._apply_migrations, migrating=True)
+
+    def upsert(self, rows: Sequence[MinuteRow]) -> None:
+        latest = {(r.exchange, r.symbol, r.minute): r for r in rows}  # the last one wins
+        for row in latest.values():
+            if row.minute % MINUTE_MS or row.count <= 0:
+                raise ValueError(f"not a minute aggregate: {row!r}")
+        batch = list(latest.values())
+        if not batch:
+            return
+
+        def write(conn: Connection) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                for start in range(0, len(batch), UPSERT_CHUNK):
+                    cur.execute(UPSERT_SQL, upsert_params(batch[start : start + UPSERT_CHUNK]))
+
+        self._call(write)
+
+    def rows(self, exchange: str, symbol: str, from_ms: int, to_ms: int) -> list[MinuteRow]:
+        params = {"exchange": exchange, "symbol": symbol, "from_ms": max(from_ms, MIN_MS)}
+        params["to_ms"] = min(to_ms, MAX_MS)
+        found = self._call(lambda conn: conn.execute(ROWS_SQL, params).fetchall())
+        return [MinuteRow(*row) for row in found]
+
+    def range_stats(
+        self, exchange: str, symbol: str, from_ms: int | None, to_ms: int | None
+    ) -> RangeStats | None:
+        params = range_params(exchange, symbol, from_ms, to_ms)
+        found = self._call(lambda conn: conn.execute(RANGE_STATS_SQL, params).fetchone())
+        if found is None:
+            return None
+        count, total, high, high_at, low, low_at, first_ms, last_ms = found
+        return RangeStats(
+            count=count,
+            total=total,
+            high=Extreme(high, high_at, exchange),
+            low=Extreme(low, low_at, exchange),
+            first_ms=first_ms,
+            last_ms=last_ms,
+        )
+
+    def ping(self) -> float:
+        def probe(conn: Connection) -> float:
+            start = time.perf_counter()
+            conn.execute("SELECT 1").fetchone()
+            return (time.perf_counter() - start) * 1000
+
+        return self._call(probe)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- connection handling ----------------------------------------------------------------
+
+    def _call[T](self, fn: Callable[[Connection], T], *, migrating: bool = False) -> T:
+        """Run `fn` on the (re)opened connection; on any database error drop it and raise."""
+        with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = self._open(migrate=not migrating)
+                return fn(self._conn)
+            except psycopg.Error as exc:
+                self._drop()
+                error = self._sanitized(exc)
+        # Raised outside the `except` block so the original (whose text came from libpq) is not
+        # chained as context into tracebacks and logs.
+        raise error
+
+    def _open(self, *, migrate: bool) -> Connection:
+        dbname = self._config.dbname
+        try:
+            conn = self._connect(dbname)
+        except psycopg.OperationalError as exc:
+            # libpq gives no SQLSTATE for a refused connection; the server's "database "x" does
+            # not exist" names the database in quotes in every locale. Other refusals naming it
+            # (no CONNECT privilege) fail again below with their own message.
+            if f'"{dbname}"' not in str(exc):
+                raise
+            self._create_database()
+            conn = self._connect(dbname)
+        if migrate and not self._migrated:
+            try:
+                self._apply_migrations(conn)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def _connect(self, dbname: str) -> Connection:
+        c = self._config
+        options = f"-c statement_timeout={self._statement_timeout_ms}"
+        # Keyword arguments, never a conninfo string: nothing to echo back in an error.
+        kwargs: dict[str, Any] = {
+            "host": c.host,
+            "port": c.port,
+            "user": c.user,
+            "dbname": dbname,
+            "sslmode": c.sslmode,
+            "application_name": "marketflow",
+            "connect_timeout": self._connect_timeout_s,
+            "options": options,
+            # Notice a vanished server within seconds instead of waiting on a dead socket.
+            "keepalives": 1,
+            "keepalives_idle": 2,
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+            "tcp_user_timeout": self._statement_timeout_ms + 1000,
+        }
+        if c.password:
+            kwargs["password"] = c.password
+        return psycopg.Connection.connect(autocommit=True, **kwargs)
+
+    def _create_database(self) -> None:
+        name = self._config.dbname
+        with self._connect("postgres") as admin:
+            try:
+                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            except (errors.DuplicateDatabase, errors.UniqueViolation):
+                return  # another instance created it a moment ago
+        log.info("created database %s on %s:%s", name, self._config.host, self._config.port)
+
+    def _apply_migrations(self, conn: Connection) -> None:
+        """Apply pending migrations in one transaction, under an advisory lock."""
+        with conn.transaction():
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, true)",
+                (str(self._migration_timeout_ms),),
+            )
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            conn.execute(MIGRATIONS_TABLE_SQL)
+            applied = {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
+            for migration in load_migrations():
+                if migration.version in applied:
+                    continue
+                conn.execute(migration.script)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
+                log.info("applied migration %04d_%s", migration.version, migration.name)
+        self._migrated = True
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+    def _sanitized(self, exc: psycopg.Error) -> PostgresStoreError:
+        text = f"{type(exc).__name__}: {exc}".strip()
+        text = re.sub(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", text)
+        if self._config.password:
+            text = text.replace(self._config.password, "***")
+        return PostgresStoreError(text, exc.sqlstate)
+
+
+def upsert_params(rows: Sequence[MinuteRow]) -> tuple[list[Any], ...]:
+    """The UPSERT_SQL arrays, one per column."""
+    return (
+        [r.exchange for r in rows],
+        [r.symbol for r in rows],
+        [r.minute for r in rows],
+        [r.count for r in rows],
+        [r.average for r in rows],
+        [r.low for r in rows],
+        [r.high for r in rows],
+        [r.open for r in rows],
+        [r.close for r in rows],
+    )
