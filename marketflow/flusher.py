@@ -107,7 +107,7 @@ class RedisFlusher:
             self.metrics.store_errors.labels("redis").inc()
             delay = self._backoff.next()
             self._retry_at = trio.current_time() + delay
-            if not self._failing or rate_limited("redis-flush", 10.0):
+            if not self._failing:  # the health probe repeats the news while it lasts
                 log.warning(
                     "redis write failed; keeping state in memory",
                     extra={"ctx": {"error": describe(exc), "retry_in_s": round(delay, 1)}},
@@ -145,12 +145,14 @@ async def probe_stores(
                 latency = await trio.to_thread.run_sync(ping, limiter=limiter)
             except Exception as exc:
                 health.down(exc)
-                if was_up or rate_limited(f"probe:{health.name}", 30.0):
-                    log.warning(
+                if rate_limited(f"probe:{health.name}", 30.0):
+                    logging.getLogger(f"marketflow.{health.name}").warning(
                         f"{health.name} unreachable", extra={"ctx": {"error": health.error}}
                     )
             else:
                 if not was_up and health.checked:
-                    log.info(f"{health.name} reachable again")
+                    logging.getLogger(f"marketflow.{health.name}").info(
+                        f"{health.name} reachable again"
+                    )
                 health.ok(latency)
         await trio.sleep(interval_s)

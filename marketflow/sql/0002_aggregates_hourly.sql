@@ -72,27 +72,32 @@ END
 $$;
 
 -- Rewrite the given (distinct) hours from their minutes; drop those left without minutes.
+-- Each step reaches the tables through a LATERAL subquery per hour, so the planner probes the
+-- primary keys hour by hour instead of joining whole tables.
 CREATE FUNCTION aggregates_hourly_refresh(exchanges text[], pair_names text[], hours timestamptz[])
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    -- Lock first: each later statement takes a fresh snapshot, so a concurrent writer that
-    -- merged minutes into one of these hours has committed by then and is counted, not lost.
+    -- Lock first (in key order: no deadlocks). Each later statement takes a fresh snapshot, so a
+    -- concurrent writer that merged minutes into one of these hours has committed by then and is
+    -- counted, not lost.
     PERFORM 1
-       FROM aggregates_hourly h
-       JOIN unnest(exchanges, pair_names, hours) AS k (exchange, pair_name, hour)
-         ON h.exchange = k.exchange AND h.pair_name = k.pair_name AND h.hour = k.hour
-      ORDER BY h.exchange, h.pair_name, h.hour
-        FOR UPDATE OF h;
+       FROM (SELECT * FROM unnest(exchanges, pair_names, hours) ORDER BY 1, 2, 3)
+            AS k (exchange, pair_name, hour)
+      CROSS JOIN LATERAL (
+            SELECT FROM aggregates_hourly h
+             WHERE h.exchange = k.exchange AND h.pair_name = k.pair_name AND h.hour = k.hour
+               FOR UPDATE) AS locked;
 
     DELETE FROM aggregates_hourly h
      USING unnest(exchanges, pair_names, hours) AS k (exchange, pair_name, hour)
-     WHERE h.exchange = k.exchange AND h.pair_name = k.pair_name AND h.hour = k.hour
-       AND NOT EXISTS (
-           SELECT FROM aggregates a
+     CROSS JOIN LATERAL (
+           SELECT count(*) AS minutes
+             FROM aggregates a
             WHERE a.exchange = k.exchange AND a.pair_name = k.pair_name
-              AND a."timestamp" >= k.hour AND a."timestamp" < k.hour + interval '1 hour');
+              AND a."timestamp" >= k.hour AND a."timestamp" < k.hour + interval '1 hour') AS m
+     WHERE m.minutes = 0
+       AND h.exchange = k.exchange AND h.pair_name = k.pair_name AND h.hour = k.hour;
 
-    -- LATERAL: one index range scan of `aggregates` per hour, whatever the planner's estimates.
     INSERT INTO aggregates_hourly AS h
         (exchange, pair_name, hour, tick_count, price_sum, min_price, min_at, max_price, max_at,
          first_minute, last_minute)
@@ -100,7 +105,8 @@ BEGIN
       FROM unnest(exchanges, pair_names, hours) AS k (exchange, pair_name, hour)
      CROSS JOIN LATERAL (
            SELECT sum(a.tick_count), sum(a.average_price * a.tick_count),
-                  min(a.min_price), (array_agg(a."timestamp" ORDER BY a.min_price, a."timestamp"))[1],
+                  min(a.min_price),
+                  (array_agg(a."timestamp" ORDER BY a.min_price, a."timestamp"))[1],
                   max(a.max_price),
                   (array_agg(a."timestamp" ORDER BY a.max_price DESC, a."timestamp"))[1],
                   min(a."timestamp"), max(a."timestamp")

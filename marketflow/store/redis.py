@@ -31,7 +31,6 @@ class RedisPriceStore:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
             health_check_interval=0,
             decode_responses=True,
         )
