@@ -275,16 +275,28 @@ def main(argv: list[str]) -> int:
     configure_logging(args.log_level, args.log_format)
     try:
         trio.run(_run, args)
-    except OSError as exc:
-        print(
-            f"marketflow simulate: cannot listen on {args.host} "
-            f"ports {_ports_text(args.ports)}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
-        return 1
-    except KeyboardInterrupt:  # a signal before the receiver was installed
-        pass
+    except (OSError, KeyboardInterrupt, BaseExceptionGroup) as exc:
+        # Trio wraps errors from nurseries in groups; only a group of these is expected.
+        leaves = _leaves(exc)
+        if not all(isinstance(e, OSError | KeyboardInterrupt) for e in leaves):
+            raise
+        bind_errors = [e for e in leaves if isinstance(e, OSError)]
+        if bind_errors:  # a port in use, an address not available
+            error = bind_errors[0]
+            print(
+                f"marketflow simulate: cannot listen on {args.host} "
+                f"ports {_ports_text(args.ports)}: {error.strerror or error}",
+                file=sys.stderr,
+            )
+            return 1
+        # KeyboardInterrupt: a signal before the receiver was installed; a clean stop too.
     return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 if __name__ == "__main__":

@@ -1,11 +1,213 @@
-"""Placeholder: routes are registered by `register`."""
+"""`WS /ws/prices` (SPEC §8): a snapshot, then coalesced `prices` frames from the `PriceHub`.
+
+Protocol choices (documented in docs/api.md):
+- A bad query string (`symbols`, `exchanges`) is answered after the handshake: one
+  `{"type":"error","error":...}` frame, then close 1008 with the same reason, so browser clients
+  can read why (a refused handshake tells them nothing).
+- `symbols` and `exchanges` are comma lists and may be repeated; absent means every configured
+  symbol and the current mode's sources (following mode switches).
+- Every accepted `subscribe`/`unsubscribe` is answered by a `snapshot` of the whole resulting
+  subscription; a bad message by an `error` frame, and the connection stays.
+- Slow client: close 1008 `too slow...`; shutdown: close 1001.
+"""
 
 from __future__ import annotations
 
-from quart_trio import QuartTrio
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
 
+import orjson
+import trio
+from quart import websocket
+from quart_trio import QuartTrio
+from werkzeug.datastructures import MultiDict
+
+from marketflow.api.app import service_of
+from marketflow.broadcast import CLOSE_GOING_AWAY, CLOSE_POLICY, Client, PriceHub, error_frame
 from marketflow.config import Config
+from marketflow.queries import Catalog, QueryError
+from marketflow.service import Service
+
+log = logging.getLogger("marketflow.ws")
+
+HUB_KEY = "marketflow_hub"
+CLOSE_INTERNAL = 1011
+CLOSE_TIMEOUT_S = 2.0
+MAX_LIST_ITEMS = 256
+
+
+def new_hub(service: Service, config: Config) -> PriceHub:
+    return PriceHub(
+        service.state,
+        service.pipeline.sources,
+        symbols=config.app.symbols,
+        all_sources=config.all_sources,
+        interval_s=config.app.ws_min_interval_ms / 1000,
+        max_lag_s=config.app.ws_max_lag_s,
+    )
+
+
+def hub_of(app: QuartTrio, service: Service) -> PriceHub | None:
+    """The service's hub if it owns one, else the one this module started for the app."""
+    hub = getattr(service, "hub", None)
+    if isinstance(hub, PriceHub):
+        return hub
+    hub = app.extensions.get(HUB_KEY)
+    return hub if isinstance(hub, PriceHub) and hub.state is service.state else None
+
+
+# --- subscriptions -----------------------------------------------------------------------------
+
+
+def _names(values: Iterable[str], check: Any, field: str) -> frozenset[str]:
+    names: set[str] = set()
+    for value in values:
+        if not isinstance(value, str):
+            raise QueryError(400, f"{field}: expected a list of strings")
+        if not value:
+            raise QueryError(400, f"{field}: empty name in the list")
+        names.add(check(value))
+        if len(names) > MAX_LIST_ITEMS:
+            raise QueryError(400, f"{field}: too many names")
+    return frozenset(names)
+
+
+def parse_query(
+    catalog: Catalog, args: MultiDict[str, str]
+) -> tuple[frozenset[str] | None, frozenset[str] | None]:
+    """`?symbols=A,B&exchanges=x` -> (symbols, exchanges); None where the parameter is absent."""
+    out: list[frozenset[str] | None] = []
+    for field, check in (("symbols", catalog.symbol), ("exchanges", catalog.source)):
+        raw = args.getlist(field)
+        if not raw:
+            out.append(None)
+            continue
+        items = [item.strip() for value in raw for item in value.split(",")]
+        out.append(_names(items, check, field))
+    return out[0], out[1]
+
+
+def apply_message(
+    catalog: Catalog, client: Client, data: str | bytes, current: Sequence[str]
+) -> None:
+    """Apply one client message to `client`'s subscription, or raise QueryError (400)."""
+    try:
+        message = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise QueryError(400, "message is not valid JSON") from None
+    if not isinstance(message, dict):
+        raise QueryError(400, 'message must be a JSON object like {"op":"subscribe",...}')
+    op = message.get("op")
+    if op not in ("subscribe", "unsubscribe"):
+        raise QueryError(400, 'op must be "subscribe" or "unsubscribe"')
+    if "symbols" not in message and "exchanges" not in message:
+        raise QueryError(400, f"{op} needs symbols and/or exchanges")
+    lists: dict[str, frozenset[str] | None] = {}
+    for field, check in (("symbols", catalog.symbol), ("exchanges", catalog.source)):
+        if field not in message:
+            lists[field] = None
+            continue
+        value = message[field]
+        if not isinstance(value, list):
+            raise QueryError(400, f"{field}: expected a list of strings")
+        lists[field] = _names(value, check, field)
+    symbols, exchanges = lists["symbols"], lists["exchanges"]
+    # Validated as a whole before any change, so a bad message changes nothing.
+    if op == "subscribe":
+        if symbols is not None and client.symbols is not None:
+            client.symbols = client.symbols | symbols
+        if exchanges is not None:
+            base = frozenset(current) if client.exchanges is None else client.exchanges
+            if client.exchanges is not None or not exchanges <= base:
+                client.exchanges = base | exchanges
+    else:
+        if symbols is not None:
+            base = catalog.symbols if client.symbols is None else client.symbols
+            client.symbols = base - symbols
+        if exchanges is not None:
+            base = frozenset(current) if client.exchanges is None else client.exchanges
+            client.exchanges = base - exchanges
+
+
+# --- the route ---------------------------------------------------------------------------------
 
 
 def register(app: QuartTrio, config: Config) -> None:
-    """Add this module's routes to `app`."""
+    """Add `WS /ws/prices`, and run a `PriceHub` for the app's lifetime unless the service
+    already owns one (`service.hub`)."""
+    catalog = Catalog(config)
+
+    @app.before_serving
+    async def start_hub() -> None:
+        service = app.extensions.get("marketflow")
+        if not isinstance(service, Service) or hub_of(app, service) is not None:
+            return
+        hub = new_hub(service, config)
+        app.extensions[HUB_KEY] = hub
+        await app.nursery.start(hub.run, service.stopping)
+
+    @app.after_serving
+    async def stop_hub() -> None:
+        hub = app.extensions.pop(HUB_KEY, None)
+        if isinstance(hub, PriceHub):
+            hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
+
+    @app.websocket("/ws/prices")
+    async def prices_stream() -> None:
+        service = service_of(app)  # not ready: a 503 answer instead of the handshake
+        await websocket.accept()
+        try:
+            symbols, exchanges = parse_query(catalog, websocket.args)
+        except QueryError as exc:
+            await websocket.send(error_frame(exc.message))
+            await _close(CLOSE_POLICY, exc.message)
+            return
+        hub = hub_of(app, service)
+        if hub is None or not hub.running:
+            await websocket.send(error_frame("the live stream is not running"))
+            await _close(CLOSE_INTERNAL, "the live stream is not running")
+            return
+        client = hub.add(symbols, exchanges)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_pump, hub, client, nursery.cancel_scope)
+                nursery.start_soon(_watch_close, client, nursery.cancel_scope)
+                await _read_messages(catalog, hub, client, service)
+                nursery.cancel_scope.cancel()  # the client went away
+        finally:
+            hub.remove(client)
+        if client.close_code is not None:
+            await _close(client.close_code, client.close_reason)
+
+
+async def _pump(hub: PriceHub, client: Client, scope: trio.CancelScope) -> None:
+    await hub.pump(client, websocket.send)
+    scope.cancel()
+
+
+async def _watch_close(client: Client, scope: trio.CancelScope) -> None:
+    await client.closed.wait()
+    scope.cancel()
+
+
+async def _read_messages(catalog: Catalog, hub: PriceHub, client: Client, service: Service) -> None:
+    """Apply the client's messages; answer each with a snapshot or an error frame."""
+    while True:
+        data = await websocket.receive()
+        try:
+            apply_message(catalog, client, data, service.pipeline.sources())
+        except QueryError as exc:
+            await client.put_control(error_frame(exc.message), trio.current_time())
+        else:
+            await client.put_control(None, trio.current_time())
+
+
+async def _close(code: int, reason: str) -> None:
+    """Close with `code`, bounded in time: a client that stopped reading cannot hold us."""
+    reason = reason.encode()[:120].decode(errors="ignore")  # a close reason is <= 123 bytes
+    with trio.move_on_after(CLOSE_TIMEOUT_S):
+        try:
+            await websocket.close(code, reason)
+        except Exception as exc:  # already closed or disconnected: nothing left to tell
+            log.debug("websocket close failed", extra={"ctx": {"error": repr(exc)}})

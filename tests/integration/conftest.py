@@ -38,4 +38,3 @@ def pg_config(pg_missing_config: PostgresConfig) -> PostgresConfig:
     with admin_connection() as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(pg_missing_config.dbname)))
     return pg_missing_config
-

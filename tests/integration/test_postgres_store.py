@@ -1,4 +1,4 @@
-"""PostgresAggregateStore against a real PostgreSQL: schema, migrations, upserts, statistics, plans."""
+"""PostgresAggregateStore on a real PostgreSQL: schema, migrations, upserts, statistics, plans."""
 
 from __future__ import annotations
 
@@ -254,7 +254,7 @@ def _assert_same_stats(actual: RangeStats | None, expected: RangeStats | None) -
 def test_range_stats_over_hours_match_a_brute_force(
     store: PostgresAggregateStore, pg_config: PostgresConfig
 ) -> None:
-    """The hourly rollup gives the same answers as the minutes, after inserts, overwrites, deletes."""
+    """The hourly rollup answers like the minutes do, after inserts, overwrites and deletes."""
     rng = random.Random(7)
     prices = [99.0, 99.5, 100.0, 100.5, 101.0]  # few values: many ties on the extremes
 
@@ -277,7 +277,7 @@ def test_range_stats_over_hours_match_a_brute_force(
     with connect(pg_config) as conn:
         conn.execute(
             "DELETE FROM aggregates WHERE exchange = 'ex1'"
-            " AND (extract(epoch FROM \"timestamp\") * 1000)::bigint = ANY(%s)",
+            ' AND (extract(epoch FROM "timestamp") * 1000)::bigint = ANY(%s)',
             (deleted,),
         )
     for minute in deleted:
@@ -307,7 +307,9 @@ def test_range_stats_over_hours_match_a_brute_force(
 SEQ_SCAN = re.compile(r"Seq Scan on aggregates(_hourly)?\b")
 
 
-def test_every_query_uses_an_index(store: PostgresAggregateStore, pg_config: PostgresConfig) -> None:
+def test_every_query_uses_an_index(
+    store: PostgresAggregateStore, pg_config: PostgresConfig
+) -> None:
     series = [(f"ex{e}", f"SYM{s}") for e in range(5) for s in range(10)]
     for exchange, symbol in series:
         store.upsert([row(T0 + i * M, exchange=exchange, symbol=symbol) for i in range(6 * 60)])
@@ -339,12 +341,14 @@ def test_every_query_uses_an_index(store: PostgresAggregateStore, pg_config: Pos
     assert "Conflict Arbiter Indexes: aggregates_exchange_pair_minute_key" in plans["upsert"]
 
 
-def test_rollup_triggers_use_indexes(store: PostgresAggregateStore, pg_config: PostgresConfig) -> None:
+def test_rollup_triggers_use_indexes(
+    store: PostgresAggregateStore, pg_config: PostgresConfig
+) -> None:
     """The statements inside the triggers, as PostgreSQL ran them (auto_explain)."""
     with connect(pg_config) as conn:
         # 100 series x 500 hours, one minute each: 50,000 rows in both tables.
         conn.execute(
-            "INSERT INTO aggregates (pair_name, exchange, \"timestamp\", average_price, min_price,"
+            'INSERT INTO aggregates (pair_name, exchange, "timestamp", average_price, min_price,'
             " max_price, tick_count, open_price, close_price)"
             " SELECT 'SYM' || s, 'ex' || e, timestamptz 'epoch' + %s * interval '1 millisecond'"
             "        + h * interval '1 hour', 100, 99, 101, 1, 100, 100"
@@ -373,8 +377,12 @@ def test_rollup_triggers_use_indexes(store: PostgresAggregateStore, pg_config: P
     assert hours == 498
     text = "\n".join(plans)
     # The trigger statements were really captured: the merge, the lock, the delete, the rewrite.
-    for statement in ("FROM new_minutes", "FOR UPDATE", "DELETE FROM aggregates_hourly",
-                      "SELECT count(*) AS minutes"):
+    for statement in (
+        "FROM new_minutes",
+        "FOR UPDATE",
+        "DELETE FROM aggregates_hourly",
+        "SELECT count(*) AS minutes",
+    ):
         assert statement in text
     assert "Index" in text
     assert not SEQ_SCAN.search(text), text
@@ -435,13 +443,12 @@ def test_reconnects_after_the_connection_is_lost(
 def test_a_blocked_statement_is_bounded_by_the_statement_timeout(pg_config: PostgresConfig) -> None:
     with PostgresAggregateStore(pg_config, statement_timeout_ms=200) as store:
         store.migrate()
-        with connect(pg_config) as blocker:
-            with blocker.transaction():
-                blocker.execute("LOCK TABLE aggregates IN ACCESS EXCLUSIVE MODE")
-                started = time.monotonic()
-                with pytest.raises(PostgresStoreError) as caught:
-                    store.rows("ex1", "BTCUSDT", T0, T0 + M)
-                elapsed = time.monotonic() - started
+        with connect(pg_config) as blocker, blocker.transaction():
+            blocker.execute("LOCK TABLE aggregates IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            with pytest.raises(PostgresStoreError) as caught:
+                store.rows("ex1", "BTCUSDT", T0, T0 + M)
+            elapsed = time.monotonic() - started
         assert caught.value.sqlstate == "57014"  # query_canceled
         assert 0.15 < elapsed < 3
         assert store.rows("ex1", "BTCUSDT", T0, T0 + M) == []

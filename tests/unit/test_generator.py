@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -93,7 +94,7 @@ def test_step_sizes_match_the_reference_captures() -> None:
     rounds = [dict(walk.step()) for _ in range(6000)]
     for symbol, max_step in [("BTCUSDT", 0.0025), ("DOGEUSDT", 0.01), ("ETHUSDT", 0.01)]:
         prices = [r[symbol] for r in rounds]
-        rel = [b / a - 1 for a, b in zip(prices, prices[1:], strict=False)]
+        rel = [b / a - 1 for a, b in itertools.pairwise(prices)]
         assert max(map(abs, rel)) <= max_step * 1.05
         assert statistics.pstdev(rel) == pytest.approx(max_step / math.sqrt(3), rel=0.1)
 
@@ -215,7 +216,7 @@ async def test_backpressure_skips_periods_instead_of_bursting(
     assert [len(batch) for _, _, batch in collector.batches] == [5] * len(collector.batches)
     times = [at for at, _, _ in collector.batches]
     assert times[1] - times[0] == pytest.approx(0.35)
-    assert all(b - a == pytest.approx(0.1) for a, b in zip(times[1:], times[2:], strict=False))
+    assert all(b - a == pytest.approx(0.1) for a, b in itertools.pairwise(times[1:]))
 
 
 async def test_bad_rate_is_refused() -> None:

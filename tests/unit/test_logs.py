@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import trio
@@ -121,7 +122,7 @@ def test_extra_ctx_and_percent_args(logfmt: Capture) -> None:
         (False, "false"),
         (42, "42"),
         (0.1, "0.1"),
-        (["a", 1], '"[\'a\', 1]"'),
+        (["a", 1], "\"['a', 1]\""),
     ],
 )
 def test_logfmt_quoting(value: object, rendered: str) -> None:
@@ -149,8 +150,9 @@ def test_odd_keys_are_cleaned_and_header_keys_cannot_be_overwritten(logfmt: Capt
 def test_secret_keys_are_masked_in_both_formats(
     logfmt: Capture, jsonlog: Capture, key: str
 ) -> None:
+    fields: dict[str, Any] = {key: "hunter2-s3cret", "user": "u"}
     for capture in (logfmt, jsonlog):
-        log_event(capture.logger, "info", "config.loaded", **{key: "hunter2-s3cret", "user": "u"})
+        log_event(capture.logger, "info", "config.loaded", **fields)
     assert "hunter2" not in logfmt.text + jsonlog.text
     assert f"{key}=*** user=u" in logfmt.text
     assert jsonlog.records()[0][key] == "***"
@@ -173,7 +175,10 @@ def test_secret_key_detection_is_not_too_eager() -> None:
         ("{'admin_token': 't0k'}", "{'admin_token': '***'}"),
         ("postgresql://postgres:pw@db:5432/mf", "postgresql://postgres:***@db:5432/mf"),
         ("GET /x?token=abc&y=1", "GET /x?token=***&y=1"),
-        ("basic auth failed; the token was refreshed", "basic auth failed; the token was refreshed"),
+        (
+            "basic auth failed; the token was refreshed",
+            "basic auth failed; the token was refreshed",
+        ),
         ("tokens_total=5", "tokens_total=5"),
     ],
 )
@@ -219,7 +224,7 @@ def test_bind_adds_context_and_is_undone_after_the_block(logfmt: Capture) -> Non
 async def test_context_follows_trio_tasks(jsonlog: Capture) -> None:
     async def child(name: str) -> None:
         with bind(conn_id=name):
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             jsonlog.logger.info("child")
 
     with bind(source="exchange2"):
