@@ -196,8 +196,10 @@ class LogFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
+        bound = _context.get()
+        context = {k: bound[k] for k in CONTEXT_KEYS if k in bound} | dict(bound)
         extra = getattr(record, "ctx", None)
-        for source in (_context.get(), extra if isinstance(extra, Mapping) else {}):
+        for source in (context, extra if isinstance(extra, Mapping) else {}):
             for key, value in source.items():
                 name = _clean_key(str(key))
                 if name in _RESERVED:

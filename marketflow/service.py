@@ -259,7 +259,7 @@ class Service:
             "pipeline": {
                 "queue_depth": self.pipeline.queue_depth,
                 "updates_total": self.state.updates_total,
-                "pending_rows": self.aggregator.pending_rows + self.state.pending_minutes(),
+                "pending_rows": self.aggregator.pending_rows,
                 "late": self.state.late,
             },
         }

@@ -238,3 +238,124 @@ def postgres_database() -> Iterator[str]:
 
 def sigterm(proc: Process) -> None:
     proc.signal(signal.SIGTERM)
+
+
+class TcpProxy:
+    """A TCP proxy the test owns, in front of a real server: `cut()` drops every connection and
+    refuses new ones (the server looks dead), `restore()` lets traffic through again."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = int(self.listener.getsockname()[1])
+        self._open = threading.Event()
+        self._open.set()
+        self._closed = False
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self._open.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._open.clear()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def restore(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self.listener.close()
+
+
+class ScriptedFeed:
+    """A feed server whose lines the test decides: `send(ticks)` writes them to every client."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = int(self.listener.getsockname()[1])
+        self.clients: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.clients.append(client)
+
+    def wait_client(self, timeout: float = 15) -> None:
+        wait_for(lambda: self.clients, timeout, "a client connected to the scripted feed")
+
+    def send(self, ticks: list[tuple[str, float, int]]) -> None:
+        import json
+
+        data = "".join(
+            json.dumps({"symbol": s, "price": p, "timestamp": ts}) + "\n" for s, p, ts in ticks
+        ).encode()
+        with self._lock:
+            clients = list(self.clients)
+        for client in clients:
+            try:
+                client.sendall(data)
+            except OSError:
+                with self._lock:
+                    self.clients.remove(client)
+
+    def close_clients(self) -> None:
+        """Forget the current clients (their process went away): the next send waits for new."""
+        with self._lock:
+            for c in self.clients:
+                c.close()
+            self.clients.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+        with self._lock:
+            for c in self.clients:
+                c.close()
+            self.clients.clear()

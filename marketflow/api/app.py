@@ -160,8 +160,9 @@ def check_admin(config: Config) -> None:
 
 
 def register_routes(app: QuartTrio, config: Config) -> None:
-    """Price, statistics and WebSocket routes live in their own modules."""
-    from marketflow.api import prices, ws
+    """Price, statistics, WebSocket and OpenAPI routes live in their own modules."""
+    from marketflow.api import docs, prices, ws
 
+    docs.register(app, config)
     prices.register(app, config)
     ws.register(app, config)

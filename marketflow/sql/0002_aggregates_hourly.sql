@@ -72,8 +72,8 @@ END
 $$;
 
 -- Rewrite the given (distinct) hours from their minutes; drop those left without minutes.
--- Each step reaches the tables through a LATERAL subquery per hour, so the planner probes the
--- primary keys hour by hour instead of joining whole tables.
+-- The minutes are read through a LATERAL subquery per hour, so the planner probes the unique
+-- index hour by hour instead of joining whole tables.
 CREATE FUNCTION aggregates_hourly_refresh(exchanges text[], pair_names text[], hours timestamptz[])
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
@@ -88,34 +88,32 @@ BEGIN
              WHERE h.exchange = k.exchange AND h.pair_name = k.pair_name AND h.hour = k.hour
                FOR UPDATE) AS locked;
 
-    DELETE FROM aggregates_hourly h
-     USING unnest(exchanges, pair_names, hours) AS k (exchange, pair_name, hour)
-     CROSS JOIN LATERAL (
-           SELECT count(*) AS minutes
-             FROM aggregates a
-            WHERE a.exchange = k.exchange AND a.pair_name = k.pair_name
-              AND a."timestamp" >= k.hour AND a."timestamp" < k.hour + interval '1 hour') AS m
-     WHERE m.minutes = 0
-       AND h.exchange = k.exchange AND h.pair_name = k.pair_name AND h.hour = k.hour;
-
+    WITH recomputed AS (
+        SELECT k.exchange, k.pair_name, k.hour, m.*
+          FROM unnest(exchanges, pair_names, hours) AS k (exchange, pair_name, hour)
+         CROSS JOIN LATERAL (
+               SELECT sum(a.tick_count), sum(a.average_price * a.tick_count),
+                      min(a.min_price),
+                      (array_agg(a."timestamp" ORDER BY a.min_price, a."timestamp"))[1],
+                      max(a.max_price),
+                      (array_agg(a."timestamp" ORDER BY a.max_price DESC, a."timestamp"))[1],
+                      min(a."timestamp"), max(a."timestamp")
+                 FROM aggregates a
+                WHERE a.exchange = k.exchange AND a.pair_name = k.pair_name
+                  AND a."timestamp" >= k.hour AND a."timestamp" < k.hour + interval '1 hour'
+               ) AS m (tick_count, price_sum, min_price, min_at, max_price, max_at,
+                       first_minute, last_minute)
+    ), emptied AS (
+        DELETE FROM aggregates_hourly h
+         USING recomputed r
+         WHERE r.tick_count IS NULL
+           AND h.exchange = r.exchange AND h.pair_name = r.pair_name AND h.hour = r.hour
+    )
     INSERT INTO aggregates_hourly AS h
         (exchange, pair_name, hour, tick_count, price_sum, min_price, min_at, max_price, max_at,
          first_minute, last_minute)
-    SELECT k.exchange, k.pair_name, k.hour, m.*
-      FROM unnest(exchanges, pair_names, hours) AS k (exchange, pair_name, hour)
-     CROSS JOIN LATERAL (
-           SELECT sum(a.tick_count), sum(a.average_price * a.tick_count),
-                  min(a.min_price),
-                  (array_agg(a."timestamp" ORDER BY a.min_price, a."timestamp"))[1],
-                  max(a.max_price),
-                  (array_agg(a."timestamp" ORDER BY a.max_price DESC, a."timestamp"))[1],
-                  min(a."timestamp"), max(a."timestamp")
-             FROM aggregates a
-            WHERE a.exchange = k.exchange AND a.pair_name = k.pair_name
-              AND a."timestamp" >= k.hour AND a."timestamp" < k.hour + interval '1 hour'
-           ) AS m (tick_count, price_sum, min_price, min_at, max_price, max_at,
-                   first_minute, last_minute)
-     WHERE m.tick_count IS NOT NULL
+    SELECT * FROM recomputed
+     WHERE tick_count IS NOT NULL
      ORDER BY 1, 2, 3
     ON CONFLICT (exchange, pair_name, hour) DO UPDATE SET
         tick_count = EXCLUDED.tick_count,

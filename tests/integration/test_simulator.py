@@ -80,8 +80,8 @@ async def test_rounds_of_five_symbols_every_100ms_with_current_timestamps() -> N
             assert isinstance(r["timestamp"], int) and abs(r["timestamp"] - now_ms) < 5000
     stamps = [int(str(r[0]["timestamp"])) for r in rounds]
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    assert all(50 <= gap <= 250 for gap in gaps), gaps
-    assert 400 <= stamps[-1] - stamps[0] <= 700
+    assert all(30 <= gap <= 300 for gap in gaps), gaps
+    assert 400 <= stamps[-1] - stamps[0] <= 800
 
 
 async def test_high_rate_is_delivered_in_large_chunks() -> None:

@@ -132,7 +132,7 @@ rows_strategy = st.lists(
         MinuteRow,
         exchange=st.text(min_size=1, max_size=32),
         symbol=st.text(min_size=1, max_size=20),
-        minute=st.integers(min_value=-(2**53), max_value=2**53).map(lambda m: m * M),
+        minute=st.integers(min_value=-(2**40), max_value=2**40).map(lambda m: m * M),
         count=st.integers(min_value=1, max_value=2**62),
         total=st.floats(allow_nan=False, allow_infinity=False),
         low=st.floats(allow_nan=False, allow_infinity=False),

@@ -26,6 +26,7 @@ from marketflow.logs import (
     rate_limited,
     redact,
     register_secret,
+    set_context,
 )
 
 TS_RE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
@@ -216,7 +217,7 @@ def test_bind_adds_context_and_is_undone_after_the_block(logfmt: Capture) -> Non
         logfmt.logger.info("outer")
     logfmt.logger.info("after")
     inner, outer, after = logfmt.lines()
-    assert inner.endswith("event=inner source=exchange1 request_id=r1")
+    assert inner.endswith("event=inner request_id=r1 source=exchange1")  # canonical order
     assert outer.endswith("event=outer source=exchange1 conn_id=c-7")
     assert after.endswith("event=after")
 
@@ -236,6 +237,21 @@ async def test_context_follows_trio_tasks(jsonlog: Capture) -> None:
     children = sorted((r["source"], r["conn_id"]) for r in records if r["event"] == "child")
     assert children == [("exchange2", "a"), ("exchange2", "b")]
     assert "source" not in records[-1]
+
+
+async def test_set_context_lasts_for_the_calling_task_only(logfmt: Capture) -> None:
+    async def handle_request(request_id: str) -> None:
+        set_context(request_id=request_id)  # e.g. from a Quart before_request hook
+        await trio.lowlevel.checkpoint()
+        logfmt.logger.info("http.request")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle_request, "r1")
+        nursery.start_soon(handle_request, "r2")
+    logfmt.logger.info("after")
+    *requests, after = logfmt.lines()
+    assert sorted(line.rsplit(" ", 1)[1] for line in requests) == ["request_id=r1", "request_id=r2"]
+    assert after.endswith("event=after")
 
 
 def test_event_fields_follow_context_fields(logfmt: Capture) -> None:
