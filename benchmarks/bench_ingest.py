@@ -47,8 +47,18 @@ class Blaster(Process):
     def __init__(self, seconds: float, rate: int | None, seed: int) -> None:
         pace = ["--rate", str(rate)] if rate else ["--max"]
         super().__init__(
-            [sys.executable, "-m", "benchmarks.blaster", "--port", "0", "--seconds", str(seconds),
-             "--seed", str(seed), *pace]
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.blaster",
+                "--port",
+                "0",
+                "--seconds",
+                str(seconds),
+                "--seed",
+                str(seed),
+                *pace,
+            ]
         )
         self.port: int = wait_for(self._port, 10, "blaster listening")
 
@@ -92,8 +102,12 @@ def run_marketflow(args: argparse.Namespace) -> dict[str, Any]:
                 {"name": f"exchange{i + 1}", "host": "127.0.0.1", "port": b.port}
                 for i, b in enumerate(blasters)
             ],
-            "app": {"mode": "live", "data_dir": str(Path(tmp) / "data"),
-                    "stale_after_s": 60, "max_clock_skew_s": 3600},
+            "app": {
+                "mode": "live",
+                "data_dir": str(Path(tmp) / "data"),
+                "stale_after_s": 60,
+                "max_clock_skew_s": 3600,
+            },
             "log": {"level": "warning"},
         }
         mf = Marketflow(Path(tmp), config)
@@ -108,7 +122,8 @@ def run_marketflow(args: argparse.Namespace) -> dict[str, Any]:
             started = time.monotonic()
             summaries = wait_for(
                 lambda: all(b.summary() for b in blasters) and [b.summary() for b in blasters],
-                args.seconds * 4 + 60, "blasters finished",
+                args.seconds * 4 + 60,
+                "blasters finished",
             )
             sent = sum(int(s["sent"]) for s in summaries)
             wait_for(lambda: folded() >= sent, 120, f"{sent} ticks folded", interval=0.02)
@@ -116,8 +131,7 @@ def run_marketflow(args: argparse.Namespace) -> dict[str, Any]:
             cpu = cpu_seconds(mf.proc.pid) - cpu_before
             commands = redis_commands(r) - commands_before
             # Let one more flush land, then count what Redis holds.
-            wait_for(lambda: bucket_total(r, prefix) >= sent, 10,
-                     "Redis buckets hold every tick")
+            wait_for(lambda: bucket_total(r, prefix) >= sent, 10, "Redis buckets hold every tick")
             in_redis = bucket_total(r, prefix)
             health = mf.health()
             return {
@@ -147,18 +161,34 @@ def run_naive(args: argparse.Namespace) -> dict[str, Any]:
         try:
             commands_before = redis_commands(r)
             consumers = [
-                Process([sys.executable, "-m", "benchmarks.naive_ingest", "--port", str(b.port),
-                         "--prefix", f"{prefix}", "--source", f"exchange{i + 1}"])
+                Process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.naive_ingest",
+                        "--port",
+                        str(b.port),
+                        "--prefix",
+                        f"{prefix}",
+                        "--source",
+                        f"exchange{i + 1}",
+                    ]
+                )
                 for i, b in enumerate(blasters)
             ]
             started = time.monotonic()
             summaries = wait_for(
                 lambda: all(b.summary() for b in blasters) and [b.summary() for b in blasters],
-                args.seconds * 50 + 60, "blasters finished",
+                args.seconds * 50 + 60,
+                "blasters finished",
             )
             sent = sum(int(s["sent"]) for s in summaries)
-            wait_for(lambda: bucket_total(r, prefix) >= sent, 600, "naive consumer caught up",
-                     interval=0.5)
+            wait_for(
+                lambda: bucket_total(r, prefix) >= sent,
+                600,
+                "naive consumer caught up",
+                interval=0.5,
+            )
             elapsed = time.monotonic() - started
             commands = redis_commands(r) - commands_before
             in_redis = bucket_total(r, prefix)
@@ -196,4 +226,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

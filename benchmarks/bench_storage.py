@@ -54,7 +54,9 @@ def timed(fn: Callable[[], object]) -> float:
 
 def minute_rows(minute: int, bump: float = 0.0) -> list[MinuteRow]:
     return [
-        MinuteRow(ex, sym, minute, 50, 50 * (100.0 + i % 7) + bump, 99.0, 101.0 + bump, 100.0, 100.5)
+        MinuteRow(
+            ex, sym, minute, 50, 50 * (100.0 + i % 7) + bump, 99.0, 101.0 + bump, 100.0, 100.5
+        )
         for i, (ex, sym) in enumerate(SERIES)
     ]
 
@@ -63,7 +65,7 @@ def upsert_in_batches(store: PostgresAggregateStore, rows: list[MinuteRow], size
     return timed(lambda: [store.upsert(rows[i : i + size]) for i in range(0, len(rows), size)])
 
 
-def bench_upserts(store: PostgresAggregateStore) -> None:
+def bench_upserts(store: PostgresAggregateStore, config: PostgresConfig) -> None:
     print(f"(a) upsert one minute of {len(SERIES):,} series (target < 1 s at batch 200)")
     minute = YEAR_START
     store.upsert(minute_rows(minute - M))  # warm up: connection, prepared statements, caches
@@ -78,6 +80,18 @@ def bench_upserts(store: PostgresAggregateStore) -> None:
     print(f"    overwrite the last minute with new totals, batch 200: {changed * 1000:7.1f} ms")
     replay = upsert_in_batches(store, minute_rows(minute, bump=1.0), 200)
     print(f"    identical replay of that minute,           batch 200: {replay * 1000:7.1f} ms")
+    with _connect(config) as conn:  # what the hourly rollup costs the writes
+        conn.execute("ALTER TABLE aggregates DISABLE TRIGGER USER")
+        try:
+            runs = []
+            for _ in range(5):
+                minute += M
+                runs.append(upsert_in_batches(store, minute_rows(minute), 200))
+            changed = upsert_in_batches(store, minute_rows(minute, bump=1.0), 200)
+        finally:
+            conn.execute("ALTER TABLE aggregates ENABLE TRIGGER USER")
+    print(f"    for comparison, rollup triggers disabled: new minute {statistics.median(runs) * 1000:.1f}"
+          f" ms, overwrite {changed * 1000:.1f} ms (batch 200)")  # fmt: skip
 
 
 LOAD_SQL = """
@@ -134,7 +148,9 @@ def bench_range_stats(store: PostgresAggregateStore, config: PostgresConfig) -> 
               f"no argmax): median {statistics.median(runs) * 1000:.1f} ms")  # fmt: skip
 
 
-def _connect(config: PostgresConfig, dbname: str | None = None) -> psycopg.Connection[tuple[object, ...]]:
+def _connect(
+    config: PostgresConfig, dbname: str | None = None
+) -> psycopg.Connection[tuple[object, ...]]:
     return psycopg.connect(
         host=config.host, port=config.port, user=config.user, password=config.password or None,
         dbname=dbname or config.dbname, autocommit=True, connect_timeout=5,
@@ -161,7 +177,7 @@ def main() -> None:
             store.migrate()  # creates the temporary database
             with _connect(config) as conn:
                 print(f"server: {conn.execute('SELECT version()').fetchone()[0]}")  # type: ignore[index]
-            bench_upserts(store)
+            bench_upserts(store, config)
             bench_range_stats(store, config)
     finally:
         with _connect(config, "postgres") as conn:

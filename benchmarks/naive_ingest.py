@@ -31,7 +31,9 @@ def main() -> int:
                 key = f"{args.source}:{symbol}"
                 pipe = r.pipeline(transaction=False)
                 pipe.hset(f"{args.prefix}latest:{{{key}}}", mapping={"price": price, "ts": ts})
-                member = f"{ts // 1000}|1|{price!r}|{price!r}|{price!r}|{price!r}|{price!r}|{next(seq)}"
+                member = (
+                    f"{ts // 1000}|1|{price!r}|{price!r}|{price!r}|{price!r}|{price!r}|{next(seq)}"
+                )
                 pipe.zadd(f"{args.prefix}window:{{{key}}}", {member: ts // 1000})
                 pipe.execute()
     return 0

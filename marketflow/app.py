@@ -69,5 +69,8 @@ async def _watch_signals(service: Service) -> None:
             if service.stopping.is_set():
                 log.warning("second signal: exiting at once")
                 os._exit(1)
-            log.info("signal received; shutting down", extra={"ctx": {"signal": signal.Signals(signum).name}})
+            log.info(
+                "signal received; shutting down",
+                extra={"ctx": {"signal": signal.Signals(signum).name}},
+            )
             service.stop()

@@ -120,6 +120,8 @@ class Client:
         while len(self.control) >= CONTROL_MAX and self.close_code is None:
             self._room = trio.Event()
             await self._room.wait()
+        if self.close_code is not None:
+            return  # nobody will send it
         self.control.append(item)
         if self.pending_since is None:
             self.pending_since = now

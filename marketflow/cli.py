@@ -1,4 +1,4 @@
-"""Command line: `marketflow [--port N] [--config PATH] [--mode live|test]` and `marketflow simulate`.
+"""Command line: `marketflow [--port N] [--config PATH] [--mode live|test]`, `marketflow simulate`.
 
 Exit codes: 0 clean shutdown, 1 start-up failure (e.g. port in use), 2 bad arguments or config.
 """

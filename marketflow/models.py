@@ -90,8 +90,16 @@ def decode_bucket(member: str) -> tuple[int, Bucket]:
     second_s, count, total, low, high, first, last = member.split("|")
     second = int(second_s)
     ts = second * 1000
-    return second, [int(count), float(total), float(low), float(high), float(first),
-                    float(last), ts, ts]
+    return second, [
+        int(count),
+        float(total),
+        float(low),
+        float(high),
+        float(first),
+        float(last),
+        ts,
+        ts,
+    ]
 
 
 @attrs.frozen
@@ -104,7 +112,7 @@ class LatestPrice:
 
 @attrs.frozen
 class MinuteRow:
-    """One (source, symbol, minute) aggregate as PostgreSQL stores it; `minute` is ms of its start."""
+    """One (source, symbol, minute) aggregate as stored; `minute` is the ms of its start."""
 
     exchange: str
     symbol: str
@@ -122,13 +130,22 @@ class MinuteRow:
 
     @classmethod
     def from_bucket(cls, exchange: str, symbol: str, minute: int, b: Bucket) -> MinuteRow:
-        return cls(exchange, symbol, minute, int(b[COUNT]), b[SUM], b[MIN], b[MAX],
-                   b[FIRST], b[LAST])
+        return cls(
+            exchange, symbol, minute, int(b[COUNT]), b[SUM], b[MIN], b[MAX], b[FIRST], b[LAST]
+        )
 
     def as_bucket(self) -> Bucket:
         """A row resumed from storage, as a bucket that sorts before any later tick."""
-        return [self.count, self.total, self.low, self.high, self.open, self.close,
-                self.minute, self.minute]
+        return [
+            self.count,
+            self.total,
+            self.low,
+            self.high,
+            self.open,
+            self.close,
+            self.minute,
+            self.minute,
+        ]
 
 
 @attrs.frozen

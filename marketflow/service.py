@@ -19,7 +19,7 @@ from marketflow.aggregation import Aggregator
 from marketflow.config import Config
 from marketflow.flusher import RedisFlusher, StoreHealth, describe, probe_stores
 from marketflow.metrics import Metrics
-from marketflow.models import COUNT, Bucket, Key, Mode, SourceStatus
+from marketflow.models import COUNT, Bucket, Key, MinuteRow, Mode, SourceStatus
 from marketflow.pipeline import Pipeline
 from marketflow.ports import AggregateStore, Journal, PriceStore
 from marketflow.state import MarketState
@@ -169,7 +169,7 @@ class Service:
                 extra={"ctx": {"error": describe(exc)}},
             )
             windows, latest = {}, {}
-        rows: dict[Key, dict[int, Any]] = {}
+        rows: dict[Key, dict[int, MinuteRow]] = {}
         try:
             rows = await trio.to_thread.run_sync(
                 self._stored_rows, keys, horizon_s * 1000, limiter=self.aggregator.limiter
@@ -181,9 +181,10 @@ class Service:
             )
         # Rows still in the journal are newer than PostgreSQL's (they could not be written).
         for batch in await trio.to_thread.run_sync(list, self.journal.batches()):
-            for row in batch:
-                if row.minute >= horizon_s * 1000:
-                    rows.setdefault((row.exchange, row.symbol), {})[row.minute // 60_000] = row
+            for journaled in batch:
+                if journaled.minute >= horizon_s * 1000:
+                    key = (journaled.exchange, journaled.symbol)
+                    rows.setdefault(key, {})[journaled.minute // 60_000] = journaled
         restored = 0
         for key in keys:
             st = self.state.key(*key)
@@ -212,9 +213,9 @@ class Service:
                 extra={"ctx": {"ticks_from_redis": restored, "keys": len(windows)}},
             )
 
-    def _stored_rows(self, keys: list[Key], from_ms: int) -> dict[Key, dict[int, Any]]:
+    def _stored_rows(self, keys: list[Key], from_ms: int) -> dict[Key, dict[int, MinuteRow]]:
         self.postgres.migrate()
-        out: dict[Key, dict[int, Any]] = {}
+        out: dict[Key, dict[int, MinuteRow]] = {}
         for source, symbol in keys:
             found = self.postgres.rows(source, symbol, from_ms, 2**62)
             out[(source, symbol)] = {row.minute // 60_000: row for row in found}

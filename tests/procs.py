@@ -76,8 +76,9 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
 class Process:
     """A child process whose output is collected in the background."""
 
-    def __init__(self, args: list[str], *, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.args = args
         self.proc = subprocess.Popen(
             args,
@@ -128,8 +129,14 @@ class Process:
 class Simulator(Process):
     """`marketflow simulate` on free ports."""
 
-    def __init__(self, count: int = 3, *, rate: float | None = None, seed: int | None = None,
-                 ports: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        count: int = 3,
+        *,
+        rate: float | None = None,
+        seed: int | None = None,
+        ports: list[int] | None = None,
+    ) -> None:
         wanted = ports or [0] * count
         args = [PYTHON, "-m", "marketflow", "simulate", "--ports", ",".join(map(str, wanted))]
         if rate is not None:
@@ -152,15 +159,23 @@ class Simulator(Process):
 class Marketflow(Process):
     """The real `marketflow` process with its own config, database, key prefix and data dir."""
 
-    def __init__(self, tmp: Path, config: dict[str, Any], *, args: list[str] | None = None,
-                 env: dict[str, str] | None = None, wait_ready: bool = True,
-                 command: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config: dict[str, Any],
+        *,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        wait_ready: bool = True,
+        command: list[str] | None = None,
+    ) -> None:
         self.port = config.setdefault("http", {}).setdefault("port", free_port())
         self.url = f"http://127.0.0.1:{self.port}"
         path = write_config(tmp / f"config-{uuid.uuid4().hex[:6]}.toml", config)
         cmd = command or [PYTHON, "-m", "marketflow", "--config", str(path)]
-        super().__init__(cmd + (args or []), env={"MARKETFLOW_CONFIG": str(path), **(env or {})},
-                         cwd=tmp)
+        super().__init__(
+            cmd + (args or []), env={"MARKETFLOW_CONFIG": str(path), **(env or {})}, cwd=tmp
+        )
         self.client = httpx.Client(base_url=self.url, timeout=5.0)
         if wait_ready:
             self.wait_ready()
@@ -190,8 +205,19 @@ class RedisServer(Process):
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
-        super().__init__(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                          "--save", "", "--appendonly", "no"])
+        super().__init__(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+        )
         wait_for(self._ping, 10, "redis-server ping")
 
     def _ping(self) -> bool:
@@ -231,8 +257,9 @@ def postgres_database() -> Iterator[str]:
     try:
         yield name
     finally:
-        with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+        ) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

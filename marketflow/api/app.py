@@ -55,6 +55,8 @@ def create_app(config: Config, *, service: Service | None) -> QuartTrio:
     """Build the app. With `service=None` the ASGI lifespan creates and owns the service
     (Hypercorn's own command); otherwise the caller runs it (the `marketflow` command)."""
     app = QuartTrio("marketflow")
+    # `//` in a path is a 404 like any other unknown path, not an HTML 308 redirect.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = config.app.shutdown_timeout_s + 1
     app.config["marketflow_config"] = config

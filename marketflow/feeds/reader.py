@@ -13,7 +13,7 @@ from marketflow.backoff import Backoff
 from marketflow.config import ExchangeConfig
 from marketflow.feeds.framing import FeedParser
 from marketflow.logs import bind, rate_limited
-from marketflow.models import SourceStats, SourceStatus, Tick
+from marketflow.models import Reject, SourceStats, SourceStatus, Tick
 
 log = logging.getLogger("marketflow.feed")
 RECEIVE_BYTES = 256 * 1024
@@ -126,7 +126,7 @@ async def _read_connection(
                 _count_rejects(parser, stats, rejected_seen)
 
 
-def _count_rejects(parser: FeedParser, stats: SourceStats, seen: dict[object, int]) -> None:
+def _count_rejects(parser: FeedParser, stats: SourceStats, seen: dict[Reject, int]) -> None:
     for reason, total in parser.rejected.items():
         new = total - seen[reason]
         if new:

@@ -200,7 +200,8 @@ class PostgresAggregateStore:
         for row in latest.values():
             if row.minute % MINUTE_MS or row.count <= 0:
                 raise ValueError(f"not a minute aggregate: {row!r}")
-        batch = list(latest.values())
+        # Key order: concurrent writers lock the same rows in the same order.
+        batch = sorted(latest.values(), key=lambda r: (r.exchange, r.symbol, r.minute))
         if not batch:
             return
 

@@ -80,7 +80,14 @@ def expected(ticks: list[tuple[str, float, int]]) -> dict[tuple[str, int], tuple
         prices = [p for _, _, p in items]
         first = min(items, key=lambda t: (t[0], t[1]))[2]
         last = max(items, key=lambda t: (t[0], t[1]))[2]
-        result[key] = (len(prices), sum(prices) / len(prices), min(prices), max(prices), first, last)
+        result[key] = (
+            len(prices),
+            sum(prices) / len(prices),
+            min(prices),
+            max(prices),
+            first,
+            last,
+        )
     return result
 
 
@@ -107,7 +114,7 @@ def folded(mf: Marketflow) -> int:
 def test_rows_equal_values_computed_by_hand(
     marketflow: Factory, feed: ScriptedFeed, quiet: Simulator, dbname: str
 ) -> None:
-    mf = marketflow(config(feed, quiet))
+    marketflow(config(feed, quiet))
     feed.wait_client()
     m1 = minute_now() - 2 * MINUTE
     ticks = ticks_for(m1, "BTCUSDT", [100.5, 99.25, 101.0, 100.0, 98.5, 102.25])
@@ -137,8 +144,9 @@ def test_late_tick_rewrites_the_minute_with_the_full_total(
     assert mf.health()["pipeline"]["late"] == 0
 
 
-def restart(mf: Marketflow, marketflow: Factory, cfg: dict[str, Any], feed: ScriptedFeed,
-            how: int) -> Marketflow:
+def restart(
+    mf: Marketflow, marketflow: Factory, cfg: dict[str, Any], feed: ScriptedFeed, how: int
+) -> Marketflow:
     mf.signal(how)
     code = mf.wait(15)
     assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL), mf.output
@@ -221,8 +229,13 @@ def test_postgres_cut_across_two_minute_boundaries_then_back(
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_stopped_while_postgres_down_then_started_with_it_up_loses_nothing(
-    marketflow: Factory, feed: ScriptedFeed, quiet: Simulator, dbname: str, proxy: TcpProxy,
-    how: int, tmp_path: Path
+    marketflow: Factory,
+    feed: ScriptedFeed,
+    quiet: Simulator,
+    dbname: str,
+    proxy: TcpProxy,
+    how: int,
+    tmp_path: Path,
 ) -> None:
     cfg = config(feed, quiet, proxy.port)
     mf = marketflow(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import socket
@@ -20,7 +21,9 @@ SYMBOLS = ["BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT"]
 
 
 def exchanges(ports: list[int]) -> list[dict[str, object]]:
-    return [{"name": f"exchange{i + 1}", "host": "127.0.0.1", "port": p} for i, p in enumerate(ports)]
+    return [
+        {"name": f"exchange{i + 1}", "host": "127.0.0.1", "port": p} for i, p in enumerate(ports)
+    ]
 
 
 @pytest.fixture
@@ -50,7 +53,8 @@ def test_live_mode_fills_all_15_series_within_2s(
 
     def all_series() -> bool:
         return all(
-            latest_ts(r, prefix, f"exchange{i}", s) and r.zcard(f"{prefix}window:{{exchange{i}:{s}}}")
+            latest_ts(r, prefix, f"exchange{i}", s)
+            and r.zcard(f"{prefix}window:{{exchange{i}:{s}}}")
             for i in (1, 2, 3)
             for s in SYMBOLS
         )
@@ -78,8 +82,11 @@ def test_killed_feed_reconnects_and_the_others_never_pause(
         wait_for(lambda: latest_ts(r, prefix, "exchange3", "BTCUSDT"), 5, "exchange3 data")
         solo.kill()
         solo.close()
-        wait_for(lambda: mf.health()["sources"]["exchange3"]["status"] != "connected", 5,
-                 "exchange3 noticed as down")
+        wait_for(
+            lambda: mf.health()["sources"]["exchange3"]["status"] != "connected",
+            5,
+            "exchange3 noticed as down",
+        )
         assert mf.health()["status"] == "degraded"
         # While exchange3 is down, the other two keep arriving every ~100 ms.
         seen: list[int] = []
@@ -87,14 +94,17 @@ def test_killed_feed_reconnects_and_the_others_never_pause(
         while time.monotonic() < deadline:
             seen.append(latest_ts(r, prefix, "exchange1", "BTCUSDT"))
             time.sleep(0.1)
-        gaps = [b - a for a, b in zip(seen, seen[1:], strict=False) if b != a]
+        gaps = [b - a for a, b in itertools.pairwise(seen) if b != a]
         assert len(set(seen)) >= 10, seen
         assert max(gaps) < 1000, gaps
         restarted = Simulator(ports=[ports[2]], seed=4)
         try:
             before = latest_ts(r, prefix, "exchange3", "BTCUSDT")
-            wait_for(lambda: latest_ts(r, prefix, "exchange3", "BTCUSDT") > before, 10,
-                     "exchange3 reconnected and writing")
+            wait_for(
+                lambda: latest_ts(r, prefix, "exchange3", "BTCUSDT") > before,
+                10,
+                "exchange3 reconnected and writing",
+            )
             health = mf.health()
             assert health["sources"]["exchange3"]["status"] == "connected"
             assert health["sources"]["exchange3"]["reconnects"] >= 1
@@ -114,8 +124,13 @@ class GarbageFeed:
         self.sock.listen()
         self.port = self.sock.getsockname()[1]
         self.good = 0
-        self.bad = {"malformed": 0, "too_long": 0, "bad_price": 0, "unknown_symbol": 0,
-                    "bad_timestamp": 0}
+        self.bad = {
+            "malformed": 0,
+            "too_long": 0,
+            "bad_price": 0,
+            "unknown_symbol": 0,
+            "bad_timestamp": 0,
+        }
         self.sent = threading.Event()
         self.connections = 0
         self.thread = threading.Thread(target=self.serve, daemon=True)
@@ -131,7 +146,7 @@ class GarbageFeed:
                 lines = [
                     json.dumps({"symbol": "BTCUSDT", "price": price, "timestamp": now}),
                     "this is not json",
-                    '{"symbol":"BTCUSDT","price":NaN,"timestamp":%d}' % now,
+                    f'{{"symbol":"BTCUSDT","price":NaN,"timestamp":{now}}}',
                     json.dumps({"symbol": "BTCUSDT", "price": -5, "timestamp": now}),
                     json.dumps({"symbol": "NOPEUSDT", "price": 1.0, "timestamp": now}),
                     json.dumps({"symbol": "BTCUSDT", "price": "12", "timestamp": now}),
@@ -140,8 +155,13 @@ class GarbageFeed:
                     json.dumps({"symbol": "ETHUSDT", "price": price, "timestamp": now}),
                 ]
                 self.good += 2
-                for key, n in (("malformed", 2), ("bad_price", 2), ("unknown_symbol", 1),
-                               ("bad_timestamp", 1), ("too_long", 1)):
+                for key, n in (
+                    ("malformed", 2),
+                    ("bad_price", 2),
+                    ("unknown_symbol", 1),
+                    ("bad_timestamp", 1),
+                    ("too_long", 1),
+                ):
                     self.bad[key] += n
                 conn.sendall(("\n".join(lines) + "\n").encode())
                 time.sleep(0.01)
@@ -197,7 +217,7 @@ def test_sigterm_while_ingesting_exits_0_with_the_last_flush_in_redis(
         assert mf.wait(10) == 0, mf.output
         assert time.monotonic() - started < 10
         assert "shutdown complete" in mf.output
-        final = [ln for ln in mf.lines if "shutdown complete" in ln][0]
+        final = next(ln for ln in mf.lines if "shutdown complete" in ln)
         total = int(final.split("updates_total=")[1].split()[0])
         in_redis = 0
         for key in r.scan_iter(match=f"{prefix}window:*"):

@@ -41,9 +41,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_port_in_use_exits_1_without_traceback(
-    tmp_path: Path, prefix: str, dbname: str
-) -> None:
+def test_port_in_use_exits_1_without_traceback(tmp_path: Path, prefix: str, dbname: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -65,9 +63,16 @@ def test_hypercorn_command_runs_the_pipeline_in_the_lifespan(
     config["http"] = {"port": port}
     hypercorn = str(Path(PYTHON).with_name("hypercorn"))
     mf = Marketflow(
-        tmp_path, config,
-        command=[hypercorn, "--worker-class", "trio", "--bind", f"127.0.0.1:{port}",
-                 "marketflow.asgi:create_app()"],
+        tmp_path,
+        config,
+        command=[
+            hypercorn,
+            "--worker-class",
+            "trio",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "marketflow.asgi:create_app()",
+        ],
     )
     try:
         wait_for(lambda: mf.health()["pipeline"]["updates_total"] > 50, 10, "test-mode data")
@@ -85,9 +90,13 @@ def test_starts_and_answers_health_with_both_stores_unreachable(marketflow: Fact
     mf = marketflow({"postgres": {"port": dead_pg}, "redis": {"port": dead_redis}})
     assert time.monotonic() - started < 15
     health = wait_for(
-        lambda: (h := mf.health())["postgres"]["status"] == "down"
-        and h["redis"]["status"] == "down" and h,
-        5, "both stores reported down",
+        lambda: (
+            (h := mf.health())["postgres"]["status"] == "down"
+            and h["redis"]["status"] == "down"
+            and h
+        ),
+        5,
+        "both stores reported down",
     )
     response = mf.get("/health")
     assert response.status_code == 503

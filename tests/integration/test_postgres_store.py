@@ -302,6 +302,56 @@ def test_range_stats_over_hours_match_a_brute_force(
     assert store.range_stats("ex1", "BTCUSDT", None, None) is None
 
 
+ROLLUP_DIFF_SQL = """
+WITH expected AS (
+    SELECT exchange, pair_name, date_trunc('hour', "timestamp", 'UTC') AS hour,
+           sum(tick_count) AS tick_count, sum(average_price * tick_count) AS price_sum,
+           min(min_price) AS min_price,
+           (array_agg("timestamp" ORDER BY min_price, "timestamp"))[1] AS min_at,
+           max(max_price) AS max_price,
+           (array_agg("timestamp" ORDER BY max_price DESC, "timestamp"))[1] AS max_at,
+           min("timestamp") AS first_minute, max("timestamp") AS last_minute
+      FROM aggregates GROUP BY 1, 2, 3
+), actual AS (
+    SELECT exchange, pair_name, hour, tick_count, price_sum, min_price, min_at, max_price, max_at,
+           first_minute, last_minute
+      FROM aggregates_hourly
+)
+SELECT (SELECT count(*) FROM (SELECT * FROM expected EXCEPT SELECT * FROM actual) AS missing),
+       (SELECT count(*) FROM (SELECT * FROM actual EXCEPT SELECT * FROM expected) AS extra),
+       (SELECT count(*) FROM actual)
+"""
+
+
+def test_concurrent_writers_keep_the_rollup_exact(
+    store: PostgresAggregateStore, pg_config: PostgresConfig
+) -> None:
+    """Writers sharing hours (new minutes merge, overwrites recompute) leave no stale hour."""
+
+    def writer(lane: int) -> None:
+        rng = random.Random(lane)
+        mine = [T0 + i * M for i in range(3 * 60) if i % 4 == lane]  # same hours, own minutes
+        with PostgresAggregateStore(pg_config) as own:
+            for start in range(0, len(mine), 5):
+                minutes = mine[start : start + 5]
+                own.upsert(
+                    [row(m, lane + 1, 100.0 * (lane + 1), 90.0 + lane, 110.0) for m in minutes]
+                )
+                again = rng.sample(mine[: start + 5], 3)  # overwrite some: integer sums stay exact
+                count = rng.randint(1, 9)
+                own.upsert(
+                    [row(m, count, 100.0 * count, rng.choice([80.0, 95.0]), 120.0) for m in again]
+                )
+
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(writer, lane) for lane in range(4)]:
+            future.result(timeout=60)
+    with connect(pg_config) as conn:
+        missing, extra, hours = conn.execute(ROLLUP_DIFF_SQL).fetchone()
+        (minutes,) = conn.execute("SELECT count(*) FROM aggregates").fetchone()
+    assert (missing, extra, hours, minutes) == (0, 0, 3, 180)
+
+
 # -- query plans -----------------------------------------------------------------------------
 
 SEQ_SCAN = re.compile(r"Seq Scan on aggregates(_hourly)?\b")
@@ -381,7 +431,7 @@ def test_rollup_triggers_use_indexes(
         "FROM new_minutes",
         "FOR UPDATE",
         "DELETE FROM aggregates_hourly",
-        "SELECT count(*) AS minutes",
+        "WITH recomputed AS",
     ):
         assert statement in text
     assert "Index" in text

@@ -27,11 +27,13 @@ def prefix() -> Iterator[str]:
 def make(prefix: str, port: int = 6379) -> tuple[MarketState, RedisFlusher, redis.Redis]:
     state = MarketState(window_seconds=300)
     store = RedisPriceStore(
-        RedisConfig(port=port, key_prefix=prefix, timeout_ms=300), window_seconds=300,
+        RedisConfig(port=port, key_prefix=prefix, timeout_ms=300),
+        window_seconds=300,
         ttl_seconds=70,
     )
-    flusher = RedisFlusher(state, store, StoreHealth("redis"), Metrics(), interval_s=0.1,
-                           clock=lambda: NOW_S)
+    flusher = RedisFlusher(
+        state, store, StoreHealth("redis"), Metrics(), interval_s=0.1, clock=lambda: NOW_S
+    )
     return state, flusher, redis.Redis(port=port, decode_responses=True)
 
 

@@ -24,7 +24,9 @@ def test_defaults_match_the_spec() -> None:
     assert (c.http.host, c.http.port, c.http.admin_token) == ("127.0.0.1", 8080, "")
     assert c.app.mode == "test" and c.app.window_seconds == 300 and c.app.grace_ms == 2000
     assert [(e.name, e.port) for e in c.exchanges] == [
-        ("exchange1", 40101), ("exchange2", 40102), ("exchange3", 40103)
+        ("exchange1", 40101),
+        ("exchange2", 40102),
+        ("exchange3", 40103),
     ]
     assert c.test.sources == ["test-exchange1", "test-exchange2", "test-exchange3"]
     assert c.app.symbols == ["BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT"]
@@ -35,7 +37,12 @@ def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
     assert load_config(path, {}).http.port == 9000
     env = {"MARKETFLOW_HTTP_PORT": "9100", "DB_HOST": "envdb", "REDIS_HOST": "envredis"}
     c = load_config(path, env)
-    assert (c.http.port, c.postgres.host, c.redis.host, c.app.mode) == (9100, "envdb", "envredis", "live")
+    assert (c.http.port, c.postgres.host, c.redis.host, c.app.mode) == (
+        9100,
+        "envdb",
+        "envredis",
+        "live",
+    )
     c = load_config(path, env, flags={"http": {"port": 9200}, "app": {"mode": "test"}})
     assert (c.http.port, c.app.mode) == (9200, "test")
     c = load_config(path, {"MARKETFLOW_POSTGRES_HOST": "specific", "DB_HOST": "generic"})
@@ -92,15 +99,29 @@ def test_config_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_secrets_are_not_in_repr() -> None:
-    c = load_config(None, {"MARKETFLOW_POSTGRES_PASSWORD": "s3cret-pw",
-                           "MARKETFLOW_HTTP_ADMIN_TOKEN": "tok-123456"})
+    c = load_config(
+        None,
+        {"MARKETFLOW_POSTGRES_PASSWORD": "s3cret-pw", "MARKETFLOW_HTTP_ADMIN_TOKEN": "tok-123456"},
+    )
     assert "s3cret-pw" not in repr(c) and "tok-123456" not in repr(c)
 
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("1s", 1), ("30s", 30), ("5m", 300), ("1h30m", 5400), ("7d", 604800), ("abc", None),
-     ("-1m", None), ("1.5m", None), ("10y", None), ("", None), ("1m1m", None), ("m", None)],
+    [
+        ("1s", 1),
+        ("30s", 30),
+        ("5m", 300),
+        ("1h30m", 5400),
+        ("7d", 604800),
+        ("abc", None),
+        ("-1m", None),
+        ("1.5m", None),
+        ("10y", None),
+        ("", None),
+        ("1m1m", None),
+        ("m", None),
+    ],
 )
 def test_parse_period(text: str, seconds: int | None) -> None:
     assert parse_period(text) == seconds

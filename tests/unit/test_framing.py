@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 from hypothesis import given, settings
@@ -26,7 +27,10 @@ def test_accepts_protocol_lines_and_reference_shape() -> None:
     p = parser()
     data = b'{"symbol":"BTCUSDT","price":100152.53531348541,"timestamp":%d}\n' % NOW_MS
     data += line("ETHUSDT", 3050, NOW_MS + 1)
-    assert p.feed(data) == [("BTCUSDT", 100152.53531348541, NOW_MS), ("ETHUSDT", 3050.0, NOW_MS + 1)]
+    assert p.feed(data) == [
+        ("BTCUSDT", 100152.53531348541, NOW_MS),
+        ("ETHUSDT", 3050.0, NOW_MS + 1),
+    ]
     assert p.accepted == 2 and p.rejected_total == 0
 
 
@@ -101,7 +105,7 @@ def test_any_chunking_gives_the_same_ticks(prices: list[float], cuts: list[int])
     bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     p = parser()
     got = []
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         got += p.feed(data[a:b])
     assert got == expected
 

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from marketflow.models import COUNT, FIRST, LAST, MAX, MIN, SUM, MinuteRow, decode_bucket, encode_bucket
+from marketflow.models import (
+    COUNT,
+    FIRST,
+    LAST,
+    MAX,
+    MIN,
+    SUM,
+    MinuteRow,
+    decode_bucket,
+    encode_bucket,
+)
 from marketflow.state import KeyState, MarketState
 
 T0 = 1_795_646_400_000  # a minute start (ms)
@@ -10,8 +20,13 @@ T0 = 1_795_646_400_000  # a minute start (ms)
 
 def test_bucket_contents_by_hand() -> None:
     st = KeyState("ex", "BTCUSDT")
-    ticks = [("BTCUSDT", 10.0, T0 + 500), ("BTCUSDT", 12.0, T0 + 100), ("BTCUSDT", 8.0, T0 + 900),
-             ("BTCUSDT", 11.0, T0 + 900), ("BTCUSDT", 20.0, T0 + 1000)]
+    ticks = [
+        ("BTCUSDT", 10.0, T0 + 500),
+        ("BTCUSDT", 12.0, T0 + 100),
+        ("BTCUSDT", 8.0, T0 + 900),
+        ("BTCUSDT", 11.0, T0 + 900),
+        ("BTCUSDT", 20.0, T0 + 1000),
+    ]
     assert st.fold(ticks) == 0
     b0 = st.buckets[T0 // 1000]
     assert b0[COUNT] == 4 and b0[SUM] == 41.0 and b0[MIN] == 8.0 and b0[MAX] == 12.0
@@ -32,8 +47,14 @@ def test_latest_is_newest_timestamp_not_last_arrival() -> None:
 
 def test_minute_row_by_hand() -> None:
     st = KeyState("ex", "BTCUSDT")
-    st.fold([("BTCUSDT", 4.0, T0 + 59_999), ("BTCUSDT", 2.0, T0), ("BTCUSDT", 6.0, T0 + 30_000),
-             ("BTCUSDT", 100.0, T0 + 60_000)])
+    st.fold(
+        [
+            ("BTCUSDT", 4.0, T0 + 59_999),
+            ("BTCUSDT", 2.0, T0),
+            ("BTCUSDT", 6.0, T0 + 30_000),
+            ("BTCUSDT", 100.0, T0 + 60_000),
+        ]
+    )
     row = st.minute_row(T0 // 60_000)
     assert row == MinuteRow("ex", "BTCUSDT", T0, 3, 12.0, 2.0, 6.0, 2.0, 4.0)
     assert row.average == 4.0

@@ -1,0 +1,171 @@
+"""`WS /ws/prices` through Quart's test client, with the app's lifespan running the hub."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+import trio
+import trio.testing
+from quart.typing import TestWebsocketConnectionProtocol as WebSocket
+from quart.wrappers.base import ClientDisconnectedError
+from quart_trio import QuartTrio
+
+from marketflow.api.app import create_app
+from marketflow.config import build_config
+from marketflow.service import Service
+from tests.unit.service_fakes import NOW_MS, make_service
+
+pytestmark = pytest.mark.usefixtures("autojump_clock")
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[QuartTrio, Service]]:
+    config = build_config({"app": {"ws_min_interval_ms": 100, "ws_max_lag_s": 2}})
+    service = make_service(config)
+    app = create_app(config, service=service)
+    async with app.test_app():
+        yield app, service
+
+
+async def receive(ws: WebSocket) -> dict[str, Any]:
+    with trio.fail_after(5):
+        data = await ws.receive()
+    frame = orjson.loads(data)
+    assert isinstance(frame, dict)
+    return frame
+
+
+async def closed_with(ws: WebSocket) -> int:
+    with trio.fail_after(5), pytest.raises(ClientDisconnectedError) as info:
+        while True:
+            await ws.receive()
+    code = info.value.args[0]
+    assert isinstance(code, int)
+    return code
+
+
+def keys(frame: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(e["exchange"], e["symbol"]) for e in frame["data"]]
+
+
+async def test_snapshot_then_coalesced_prices(served: tuple[QuartTrio, Service]) -> None:
+    app, service = served
+    async with app.test_client().websocket("/ws/prices") as ws:
+        snapshot = await receive(ws)
+        assert snapshot["type"] == "snapshot"
+        assert keys(snapshot) == [("test-exchange1", "BTCUSDT"), ("test-exchange2", "BTCUSDT")]
+        assert snapshot["data"][0] == {
+            "symbol": "BTCUSDT",
+            "exchange": "test-exchange1",
+            "price": 101.0,
+            "timestamp": NOW_MS - 1000,
+        }
+        key = service.state.key("test-exchange1", "ETHUSDT")
+        for i in range(5):  # five ticks in one interval: one entry, the latest
+            key.fold([("ETHUSDT", 3000.0 + i, NOW_MS + i)])
+        service.state.key("exchange1", "ETHUSDT").fold([("ETHUSDT", 1.0, NOW_MS)])  # not in mode
+        frame = await receive(ws)
+        assert frame == {
+            "type": "prices",
+            "data": [
+                {
+                    "symbol": "ETHUSDT",
+                    "exchange": "test-exchange1",
+                    "price": 3004.0,
+                    "timestamp": NOW_MS + 4,
+                }
+            ],
+        }
+
+
+async def test_query_filters_the_subscription(served: tuple[QuartTrio, Service]) -> None:
+    app, service = served
+    path = "/ws/prices?symbols=btcusdt&exchanges=exchange1,test-exchange2"
+    async with app.test_client().websocket(path) as ws:
+        snapshot = await receive(ws)
+        assert keys(snapshot) == [("exchange1", "BTCUSDT"), ("test-exchange2", "BTCUSDT")]
+        service.state.key("test-exchange1", "BTCUSDT").fold([("BTCUSDT", 1.0, NOW_MS + 1)])
+        service.state.key("exchange1", "BTCUSDT").fold([("BTCUSDT", 2.0, NOW_MS + 1)])
+        frame = await receive(ws)
+        assert keys(frame) == [("exchange1", "BTCUSDT")]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "symbols=",
+        "symbols=BTCUSDT,",
+        "symbols=B",
+        "symbols=XRPUSDT",
+        "exchanges=exchange9",
+        "exchanges=..%2F..",
+        "exchanges=",
+        "symbols=" + "A" * 5000,
+    ],
+)
+async def test_bad_query_gets_an_error_frame_then_1008(
+    served: tuple[QuartTrio, Service], query: str
+) -> None:
+    app, _ = served
+    async with app.test_client().websocket(f"/ws/prices?{query}") as ws:
+        frame = await receive(ws)
+        assert frame["type"] == "error" and frame["error"]
+        assert await closed_with(ws) == 1008
+
+
+async def test_subscribe_unsubscribe_and_bad_messages(served: tuple[QuartTrio, Service]) -> None:
+    app, service = served
+    async with app.test_client().websocket("/ws/prices?symbols=ETHUSDT") as ws:
+        assert (await receive(ws))["data"] == []
+        await ws.send(orjson.dumps({"op": "subscribe", "symbols": ["btcusdt"]}))
+        frame = await receive(ws)
+        assert frame["type"] == "snapshot"
+        assert keys(frame) == [("test-exchange1", "BTCUSDT"), ("test-exchange2", "BTCUSDT")]
+
+        for bad in [
+            "not json",
+            "[1]",
+            '{"op":"subscribe"}',
+            '{"op":"drop","symbols":["BTCUSDT"]}',
+            '{"op":"subscribe","symbols":"BTCUSDT"}',
+            '{"op":"subscribe","symbols":[1]}',
+            '{"op":"subscribe","symbols":["XRPUSDT"]}',
+            '{"op":"subscribe","exchanges":["../.."]}',
+            b"\xff\xfe",
+        ]:
+            await ws.send(bad)
+            frame = await receive(ws)
+            assert frame["type"] == "error" and frame["error"], bad
+
+        await ws.send('{"op":"unsubscribe","exchanges":["test-exchange1"]}')
+        frame = await receive(ws)
+        assert keys(frame) == [("test-exchange2", "BTCUSDT")]
+        await ws.send('{"op":"subscribe","exchanges":["exchange1"]}')
+        frame = await receive(ws)
+        assert keys(frame) == [("exchange1", "BTCUSDT"), ("test-exchange2", "BTCUSDT")]
+
+        service.state.key("exchange1", "BTCUSDT").fold([("BTCUSDT", 5.0, NOW_MS + 9)])
+        frame = await receive(ws)
+        assert frame["type"] == "prices" and keys(frame) == [("exchange1", "BTCUSDT")]
+
+
+async def test_shutdown_closes_with_1001(served: tuple[QuartTrio, Service]) -> None:
+    app, service = served
+    async with app.test_client().websocket("/ws/prices") as ws:
+        await receive(ws)
+        service.stop()
+        assert await closed_with(ws) == 1001
+
+
+async def test_not_ready_refuses_the_handshake() -> None:
+    config = build_config({})
+    service = make_service(config, ready=False)
+    app = create_app(config, service=service)
+    async with app.test_app(), app.test_client().websocket("/ws/prices") as ws:
+        with trio.fail_after(5), pytest.raises(Exception) as info:
+            await ws.receive()
+        response = getattr(info.value, "response", None)
+        assert response is not None and response.status_code == 503
