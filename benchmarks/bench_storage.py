@@ -90,8 +90,9 @@ def bench_upserts(store: PostgresAggregateStore, config: PostgresConfig) -> None
             changed = upsert_in_batches(store, minute_rows(minute, bump=1.0), 200)
         finally:
             conn.execute("ALTER TABLE aggregates ENABLE TRIGGER USER")
-    print(f"    for comparison, rollup triggers disabled: new minute {statistics.median(runs) * 1000:.1f}"
-          f" ms, overwrite {changed * 1000:.1f} ms (batch 200)")  # fmt: skip
+    median = statistics.median(runs) * 1000
+    print(f"    for comparison, rollup triggers disabled: new minute {median:.1f} ms,"
+          f" overwrite {changed * 1000:.1f} ms (batch 200)")  # fmt: skip
 
 
 LOAD_SQL = """

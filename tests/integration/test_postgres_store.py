@@ -390,6 +390,24 @@ def test_every_query_uses_an_index(
     assert "aggregates_exchange_pair_minute_key" in plans["range_stats"]
     assert "Conflict Arbiter Indexes: aggregates_exchange_pair_minute_key" in plans["upsert"]
 
+    # psycopg prepares a statement after a few runs; PostgreSQL may then use a generic plan,
+    # made without the parameter values. Force one and see what ran (auto_explain).
+    with connect(pg_config) as conn:
+        ran: list[str] = []
+        conn.add_notice_handler(lambda diag: ran.append(diag.message_primary or ""))
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        conn.execute("LOAD 'auto_explain'")
+        for setting in ("log_min_duration = 0", "log_level = notice"):
+            conn.execute(f"SET auto_explain.{setting}")
+        params = {"exchange": "ex2", "symbol": "SYM3", "from_ms": T0, "to_ms": T0 + H}
+        conn.execute(ROWS_SQL, params, prepare=True)
+        conn.execute(RANGE_STATS_SQL, range_params("ex2", "SYM3", T0 + 17 * M, None), prepare=True)
+    generic = "\n".join(ran)
+    assert generic.count("Query Text:") == 2
+    assert "(exchange = $1)" in generic  # really generic: planned without the values
+    assert "Index" in generic
+    assert not SEQ_SCAN.search(generic), generic
+
 
 def test_rollup_triggers_use_indexes(
     store: PostgresAggregateStore, pg_config: PostgresConfig
@@ -411,7 +429,7 @@ def test_rollup_triggers_use_indexes(
         conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
         conn.execute("LOAD 'auto_explain'")
         for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_level = notice"):
-            conn.execute(f"SET auto_explain.{setting}")  # type: ignore[call-overload]
+            conn.execute(f"SET auto_explain.{setting}")
         new = [row(T0 + i * M + M, exchange="ex1", symbol="SYM1") for i in range(5)]
         changed = [row(T0 + i * H, 2, 300.0, 99.0, 200.0, "ex1", "SYM1") for i in range(5)]
         for batch in (new, changed):

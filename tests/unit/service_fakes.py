@@ -19,7 +19,9 @@ class NullPriceStore:
     def write(self, plan: FlushPlan) -> None:
         pass
 
-    def read_windows(self, keys: Sequence[Key], since_s: int) -> dict[Key, list[tuple[int, Bucket]]]:
+    def read_windows(
+        self, keys: Sequence[Key], since_s: int
+    ) -> dict[Key, list[tuple[int, Bucket]]]:
         return {}
 
     def read_latest(self, keys: Sequence[Key]) -> dict[Key, LatestPrice]:
@@ -66,5 +68,3 @@ def make_service(config: Config, *, ready: bool = True) -> Service:
             [("BTCUSDT", 100.0 + i, NOW_MS - 5_000 + i), ("BTCUSDT", 101.0 + i, NOW_MS - 1_000 + i)]
         )
     return service
-
-

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import orjson
 import pytest
 import trio
@@ -192,7 +194,7 @@ async def test_a_stalled_client_never_slows_the_hub_or_others(
     assert kinds[0] == "snapshot"
     frames = [(t, f) for t, f in received if f["type"] == "prices"]
     assert 15 <= len(frames) <= 25  # ~2 s of changes, one frame per 0.1 s
-    gaps = [b[0] - a[0] for a, b in zip(frames, frames[1:], strict=False)]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(frames)]
     assert min(gaps) >= INTERVAL - 1e-9
     last = frames[-1][1]["data"]
     assert isinstance(last, list)
@@ -228,9 +230,7 @@ async def test_clients_added_after_shutdown_are_closed_at_once() -> None:
 
 
 @pytest.mark.parametrize("count", [1, 100])
-async def test_control_queue_is_bounded(
-    autojump_clock: trio.testing.MockClock, count: int
-) -> None:
+async def test_control_queue_is_bounded(autojump_clock: trio.testing.MockClock, count: int) -> None:
     hub = make_hub(MarketState(300))
     client = hub.add(None, None)
     done = 0

