@@ -1,84 +1,49 @@
-"""Sustained end-to-end ingest: blaster processes -> marketflow (live mode) -> Redis.
+"""Sustained end-to-end ingest: blaster processes -> marketflow (live mode) -> Redis, PostgreSQL.
 
-    .venv/bin/python -m benchmarks.bench_ingest [--seconds 10] [--feeds 3] [--rate N] [--naive]
+    .venv/bin/python -m benchmarks.bench_ingest [--seconds 10] [--feeds 3]
+        [--rates 10000,100000,max] [--naive]
 
-Each feed is a `benchmarks.blaster` process (a TCP server marketflow connects to). The run ends
-when every blaster has reported what it sent and marketflow has folded exactly that many ticks;
-then the ticks counted in the Redis buckets must equal the ticks sent (zero loss). Printed: the
-sustained rate, Redis commands/s during the run (from Redis' own INFO), and marketflow's CPU.
+For each rate (lines/s per feed, or `max`: as fast as marketflow reads) a fresh marketflow reads
+`--feeds` `benchmarks.blaster` processes (TCP servers it connects to as to exchanges). The run
+ends when every blaster has reported what it sent and marketflow has folded exactly that many
+ticks. Then two exact loss checks: the ticks counted in the Redis buckets must equal the ticks
+sent, and after a SIGTERM (marketflow writes its open minutes) so must the sum of `tick_count`
+over the PostgreSQL rows.
+
+Printed per rate: the sustained rate; Redis commands/s from marketflow's own counter
+(`marketflow_redis_commands_total`) and, as a cross-check, from Redis' INFO (server-wide: other
+clients of the same Redis count too); PostgreSQL rows written (`marketflow_db_rows_written_total`
+during the run, and the rows in the table after the shutdown flush) and rows/s; marketflow's CPU.
+Both store figures must stay flat while the tick rate grows by orders of magnitude.
 
 `--naive` measures the baseline design with the same blasters and the same count check: one Redis
-round trip per update (HSET latest + ZADD into the window in one unpipelined MULTI-less pair).
+round trip per update (HSET latest + ZADD into the window, one unpipelined round trip).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from tests.procs import Marketflow, Process, postgres_database, redis_prefix, wait_for
-
-SYMBOLS = ["BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT"]
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}"
-
-
-class Blaster(Process):
-    def __init__(self, seconds: float, rate: int | None, seed: int) -> None:
-        pace = ["--rate", str(rate)] if rate else ["--max"]
-        super().__init__(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.blaster",
-                "--port",
-                "0",
-                "--seconds",
-                str(seconds),
-                "--seed",
-                str(seed),
-                *pace,
-            ]
-        )
-        self.port: int = wait_for(self._port, 10, "blaster listening")
-
-    def _port(self) -> int | None:
-        for line in self.lines:
-            if line.startswith("{") and "listening" in line:
-                return int(json.loads(line)["listening"]["port"])
-        return None
-
-    def summary(self) -> dict[str, Any] | None:
-        for line in self.lines:
-            if line.startswith("{") and '"sent"' in line:
-                return dict(json.loads(line))
-        return None
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
+from benchmarks.common import (
+    Blaster,
+    CpuMeter,
+    blasters_done,
+    db_totals,
+    emit,
+    folded,
+    live_marketflow,
+    progress,
+    scrape,
+    stop,
+)
+from tests.procs import Process, redis_prefix, wait_for
 
 def redis_commands(r: redis.Redis) -> int:
     return int(r.info("stats")["total_commands_processed"])
@@ -91,73 +56,80 @@ def bucket_total(r: redis.Redis, prefix: str) -> int:
     return total
 
 
-def run_marketflow(args: argparse.Namespace) -> dict[str, Any]:
+def run_marketflow(seconds: float, feeds: int, rate: int | None) -> dict[str, Any]:
+    """One fresh marketflow reading `feeds` blasters at `rate` lines/s each (None: max)."""
     r = redis.Redis()
-    with tempfile.TemporaryDirectory() as tmp, redis_prefix() as prefix, postgres_database() as db:
-        blasters = [Blaster(args.seconds, args.rate, seed=i) for i in range(args.feeds)]
-        config = {
-            "postgres": {"dbname": db},
-            "redis": {"key_prefix": prefix},
-            "exchanges": [
-                {"name": f"exchange{i + 1}", "host": "127.0.0.1", "port": b.port}
-                for i, b in enumerate(blasters)
-            ],
-            "app": {
-                "mode": "live",
-                "data_dir": str(Path(tmp) / "data"),
-                "stale_after_s": 60,
-                "max_clock_skew_s": 3600,
-            },
-            "log": {"level": "warning"},
-        }
-        mf = Marketflow(Path(tmp), config)
-        try:
-            commands_before = redis_commands(r)
-            cpu_before = cpu_seconds(mf.proc.pid)
-
-            def folded() -> int:
-                return int(mf.health()["pipeline"]["updates_total"])
-
-            wait_for(lambda: folded() > 0, 30, "first ticks folded")
+    blasters = [Blaster(seconds, rate, seed=i) for i in range(feeds)]
+    try:
+        with tempfile.TemporaryDirectory() as tmp, live_marketflow(Path(tmp), blasters) as (
+            mf,
+            dbname,
+            prefix,
+        ):
+            wait_for(lambda: folded(mf) > 0, 30, "first ticks folded", interval=0.01)
+            before = scrape(mf)
+            server_before = redis_commands(r)
+            cpu = CpuMeter(mf.proc.pid)
             started = time.monotonic()
-            summaries = wait_for(
-                lambda: all(b.summary() for b in blasters) and [b.summary() for b in blasters],
-                args.seconds * 4 + 60,
-                "blasters finished",
-            )
-            sent = sum(int(s["sent"]) for s in summaries)
-            wait_for(lambda: folded() >= sent, 120, f"{sent} ticks folded", interval=0.02)
+            sent = blasters_done(blasters, seconds * 4 + 60)
+            wait_for(lambda: folded(mf) >= sent, 120, f"{sent} ticks folded", interval=0.01)
             elapsed = time.monotonic() - started
-            cpu = cpu_seconds(mf.proc.pid) - cpu_before
-            commands = redis_commands(r) - commands_before
+            cpu_percent = cpu.read()
+            after = scrape(mf)
+            server_commands = redis_commands(r) - server_before
+            own_commands = after["marketflow_redis_commands_total"] - before.get(
+                "marketflow_redis_commands_total", 0
+            )
+            rows_during = after["marketflow_db_rows_written_total"] - before.get(
+                "marketflow_db_rows_written_total", 0
+            )
             # Let one more flush land, then count what Redis holds.
             wait_for(lambda: bucket_total(r, prefix) >= sent, 10, "Redis buckets hold every tick")
             in_redis = bucket_total(r, prefix)
             health = mf.health()
-            return {
-                "design": "marketflow",
-                "sent": sent,
-                "folded": health["pipeline"]["updates_total"],
-                "in_redis": in_redis,
-                "lost": sent - in_redis,
-                "seconds": round(elapsed, 2),
-                "updates_per_s": round(sent / elapsed),
-                "redis_commands_per_s": round(commands / elapsed),
-                "cpu_percent": round(100 * cpu / elapsed),
-                "rejected": sum(s["rejected"] for s in health["sources"].values()),
-            }
-        finally:
-            mf.close()
-            for b in blasters:
-                b.close()
-            r.close()
+            # SIGTERM: every open minute is written; then PostgreSQL must hold every tick once.
+            shutdown_started = time.monotonic()
+            exit_code = stop(mf)
+            shutdown_s = time.monotonic() - shutdown_started
+            db = db_totals(dbname)
+    finally:
+        for b in blasters:
+            b.close()
+        r.close()
+    return {
+        "design": "marketflow",
+        "feeds": feeds,
+        "rate_per_feed": rate or "max",
+        "sent": sent,
+        "folded": health["pipeline"]["updates_total"],
+        "in_redis": in_redis,
+        "lost": sent - in_redis,
+        "db_ticks": db["ticks"],
+        "db_lost": sent - db["ticks"],
+        "seconds": round(elapsed, 2),
+        "updates_per_s": round(sent / elapsed),
+        "redis_commands_per_s": round(own_commands / elapsed),
+        "redis_server_commands_per_s": round(server_commands / elapsed),
+        "db_rows_during_run": int(rows_during),
+        "db_rows": db["rows"],
+        "db_key_minutes": db["keys"] * db["minutes"],
+        # Rows per second of ingest time: the rows of the minutes the run touched, over those
+        # minutes (a short run's rows / elapsed would only measure the shutdown flush).
+        "db_rows_per_s": round(db["rows"] / (60 * db["minutes"]), 3) if db["minutes"] else 0,
+        "ticks_per_db_row": round(sent / db["rows"]) if db["rows"] else None,
+        "cpu_percent": round(cpu_percent),
+        "rejected": sum(s["rejected"] for s in health["sources"].values()),
+        "shutdown_s": round(shutdown_s, 2),
+        "exit_code": exit_code,
+    }
 
 
-def run_naive(args: argparse.Namespace) -> dict[str, Any]:
+def run_naive(seconds: float, feeds: int, rate: int | None) -> dict[str, Any]:
     """The baseline: parse each line and make one Redis round trip per update."""
     r = redis.Redis()
     with redis_prefix() as prefix:
-        blasters = [Blaster(args.seconds, args.rate, seed=i) for i in range(args.feeds)]
+        blasters = [Blaster(seconds, rate, seed=i) for i in range(feeds)]
+        consumers: list[Process] = []
         try:
             commands_before = redis_commands(r)
             consumers = [
@@ -177,12 +149,7 @@ def run_naive(args: argparse.Namespace) -> dict[str, Any]:
                 for i, b in enumerate(blasters)
             ]
             started = time.monotonic()
-            summaries = wait_for(
-                lambda: all(b.summary() for b in blasters) and [b.summary() for b in blasters],
-                args.seconds * 50 + 60,
-                "blasters finished",
-            )
-            sent = sum(int(s["sent"]) for s in summaries)
+            sent = blasters_done(blasters, seconds * 50 + 60)
             wait_for(
                 lambda: bucket_total(r, prefix) >= sent,
                 600,
@@ -192,35 +159,48 @@ def run_naive(args: argparse.Namespace) -> dict[str, Any]:
             elapsed = time.monotonic() - started
             commands = redis_commands(r) - commands_before
             in_redis = bucket_total(r, prefix)
-            for c in consumers:
-                c.close()
             return {
                 "design": "naive (1 round trip per update)",
+                "feeds": feeds,
+                "rate_per_feed": rate or "max",
                 "sent": sent,
                 "in_redis": in_redis,
                 "lost": sent - in_redis,
                 "seconds": round(elapsed, 2),
                 "updates_per_s": round(sent / elapsed),
-                "redis_commands_per_s": round(commands / elapsed),
+                "redis_server_commands_per_s": round(commands / elapsed),
             }
         finally:
+            for c in consumers:
+                c.close()
             for b in blasters:
                 b.close()
             r.close()
 
 
+def parse_rates(text: str) -> list[int | None]:
+    return [None if part.strip() == "max" else int(part) for part in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="sending time per rate")
     parser.add_argument("--feeds", type=int, default=3)
-    parser.add_argument("--rate", type=int, default=None, help="lines/s per feed (default: max)")
+    parser.add_argument(
+        "--rates", type=parse_rates, default=[10_000, 100_000, None], help="per feed, or max"
+    )
+    parser.add_argument("--rate", type=int, default=None, help="one rate only (lines/s per feed)")
     parser.add_argument("--naive", action="store_true", help="measure the naive baseline too")
     args = parser.parse_args(argv)
-    print(json.dumps({"machine": machine(), "run": str(uuid.uuid4())[:8]}), flush=True)
-    print(json.dumps(run_marketflow(args)), flush=True)
+    rates = [args.rate] if args.rate else args.rates
+    for rate in rates:
+        progress(f"ingest: {args.feeds} feeds at {rate or 'max'} lines/s each, {args.seconds} s")
+        result = run_marketflow(args.seconds, args.feeds, rate)
+        emit("ingest", f"{args.feeds} feeds x {rate or 'max'}/s", **result)
     if args.naive:
-        naive_args = argparse.Namespace(**{**vars(args), "seconds": min(args.seconds, 3.0)})
-        print(json.dumps(run_naive(naive_args)), flush=True)
+        progress("ingest: naive baseline")
+        result = run_naive(min(args.seconds, 3.0), args.feeds, None)
+        emit("ingest", "naive", **result)
     return 0
 
 

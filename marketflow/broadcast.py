@@ -173,6 +173,7 @@ class PriceHub:
         self.published: dict[Key, tuple[int, float]] = {}
         self.running = False
         self.stopped = False
+        self._halt = trio.Event()
         self.frames_serialised = 0  # for tests and benchmarks: shared frames built
 
     # --- clients -----------------------------------------------------------------------------
@@ -195,7 +196,9 @@ class PriceHub:
         client.close(code, reason)
 
     def close_all(self, code: int, reason: str) -> None:
+        """Close every client and end `run()`; clients added later are closed at once."""
         self.stopped = True
+        self._halt.set()
         for client in list(self.clients):
             self.drop(client, code, reason)
 
@@ -285,7 +288,8 @@ class PriceHub:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Publish every `interval_s` until `stopping` is set, then close every client (1001).
+        """Publish every `interval_s` until `stopping` is set or `close_all()` is called; on
+        `stopping`, close every client with 1001.
 
         Runs in the service's (or the ASGI lifespan's) nursery; cancelling it just stops the
         publishing. Publishing starts are at least `interval_s` apart, so no client gets more
@@ -296,16 +300,22 @@ class PriceHub:
             return
         self.running = True
         try:
-            self.mark_published()
-            task_status.started()
-            while not stopping.is_set():
-                started = trio.current_time()
-                self.publish(started)
-                with trio.move_on_at(started + self.interval_s):
-                    await stopping.wait()
-            self.close_all(CLOSE_GOING_AWAY, "server shutting down")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._close_on, stopping)
+                self.mark_published()
+                task_status.started()
+                while not self.stopped:
+                    started = trio.current_time()
+                    self.publish(started)
+                    with trio.move_on_at(started + self.interval_s):
+                        await self._halt.wait()
+                nursery.cancel_scope.cancel()
         finally:
             self.running = False
+
+    async def _close_on(self, stopping: trio.Event) -> None:
+        await stopping.wait()
+        self.close_all(CLOSE_GOING_AWAY, "server shutting down")
 
     # --- one client's sender -----------------------------------------------------------------
 

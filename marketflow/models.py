@@ -43,26 +43,6 @@ class SourceStatus(StrEnum):
     DISCONNECTED = "disconnected"
 
 
-def new_bucket(price: float, ts: int) -> Bucket:
-    return [1, price, price, price, price, price, ts, ts]
-
-
-def fold_bucket(bucket: Bucket, price: float, ts: int) -> None:
-    """Add one tick; first/last by timestamp, ties by arrival (SPEC §4)."""
-    bucket[COUNT] += 1
-    bucket[SUM] += price
-    if price < bucket[MIN]:
-        bucket[MIN] = price
-    if price > bucket[MAX]:
-        bucket[MAX] = price
-    if ts < bucket[FIRST_TS]:
-        bucket[FIRST] = price
-        bucket[FIRST_TS] = ts
-    if ts >= bucket[LAST_TS]:
-        bucket[LAST] = price
-        bucket[LAST_TS] = ts
-
-
 def merge_bucket(into: Bucket, other: Bucket) -> None:
     """Fold a whole bucket into another; `other` counts as arriving later."""
     into[COUNT] += other[COUNT]

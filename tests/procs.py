@@ -386,3 +386,204 @@ class ScriptedFeed:
             for c in self.clients:
                 c.close()
             self.clients.clear()
+
+
+# --- fault-suite helpers ------------------------------------------------------------------------
+
+DEFAULT_FEED_SYMBOLS = ("BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT")
+_BASE_PRICES = {"BTCUSDT": 100_000.0, "DOGEUSDT": 0.3, "TONUSDT": 3.9, "SOLUSDT": 200.0}
+
+
+class CountingFeed:
+    """A feed server that sends valid lines with current timestamps at `rate` lines/s to each
+    client and counts exactly the lines it handed to each connection.
+
+    `sent[i]` is the number of lines of the i-th accepted connection, counted *before* the write:
+    when a write fails (the client died) it is an upper bound of what the client can have read,
+    otherwise it is exact. `flap_s` closes each connection (cleanly, after whole lines) once it
+    has been open that long; the client is expected to reconnect. `rate` may be changed at any
+    time; `pause()` returns once no write is in progress and none will start until `resume()`.
+    """
+
+    TICK_S = 0.01
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        symbols: tuple[str, ...] = DEFAULT_FEED_SYMBOLS,
+        flap_s: float | None = None,
+    ) -> None:
+        self.rate = rate
+        self.symbols = symbols
+        self.flap_s = flap_s
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = int(self.listener.getsockname()[1])
+        self.sent: list[int] = []
+        self.accepted_at: list[float] = []
+        self.closed_at: list[float] = []  # connections this feed ended (flapping)
+        self.write_failed: list[bool] = []
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._sending = threading.Event()
+        self._sending.set()
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.sent)
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self.sent)
+
+    def sent_since(self, connection: int) -> int:
+        """Lines sent to the connections accepted from the `connection`-th one on."""
+        with self._lock:
+            return sum(self.sent[connection:])
+
+    def wait_client(self, count: int = 1, timeout: float = 15) -> None:
+        wait_for(lambda: self.connections >= count, timeout, f"{count} client(s) on feed")
+
+    def pause(self) -> None:
+        self._sending.clear()
+        with self._send_lock:
+            pass
+
+    def resume(self) -> None:
+        self._sending.set()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                index = len(self.sent)
+                self.sent.append(0)
+                self.write_failed.append(False)
+                self.accepted_at.append(time.monotonic())
+                self._conns.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn, index), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _lines(self, n: int, start: int) -> bytes:
+        ts = int(time.time() * 1000)
+        out = []
+        for i in range(start, start + n):
+            symbol = self.symbols[i % len(self.symbols)]
+            base = _BASE_PRICES.get(symbol, 3050.0)
+            price = base * (1 + 0.001 * ((i * 7919) % 1000) / 1000)
+            out.append(f'{{"symbol":"{symbol}","price":{price!r},"timestamp":{ts}}}\n')
+        return "".join(out).encode()
+
+    def _serve(self, conn: socket.socket, index: int) -> None:
+        started = last = time.monotonic()
+        credit = 0.0
+        counter = 0
+        while not self._stop.is_set():
+            time.sleep(self.TICK_S)  # pacing only
+            now = time.monotonic()
+            with self._send_lock:
+                if self._sending.is_set():
+                    credit += (now - last) * self.rate
+                last = now
+                n = int(credit)
+                if n and self._sending.is_set():
+                    credit -= n
+                    data = self._lines(n, counter)
+                    counter += n
+                    with self._lock:
+                        self.sent[index] += n
+                    try:
+                        conn.sendall(data)
+                    except OSError:
+                        with self._lock:
+                            self.write_failed[index] = True
+                        return
+                if self.flap_s is not None and now - started >= self.flap_s:
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_WR)
+                    conn.close()
+                    with self._lock:
+                        self.closed_at.append(time.monotonic())
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+
+class RawFeed(ScriptedFeed):
+    """A ScriptedFeed that can also write arbitrary bytes (overlong lines, garbage)."""
+
+    def send_raw(self, data: bytes) -> None:
+        with self._lock:
+            clients = list(self.clients)
+        for client in clients:
+            client.sendall(data)
+
+
+def proc_status_kb(pid: int, field: str) -> int:
+    """A `/proc/<pid>/status` field in kB (VmRSS: resident now, VmHWM: peak resident)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_mb(pid: int) -> float:
+    return proc_status_kb(pid, "VmRSS") / 1024
+
+
+def peak_rss_mb(pid: int) -> float:
+    return proc_status_kb(pid, "VmHWM") / 1024
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class RssSampler:
+    """Samples a process's VmRSS in the background; `peak_mb` is the highest seen."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                self.samples.append(rss_mb(self.pid))
+            self._stop.wait(self.interval)
+
+    @property
+    def peak_mb(self) -> float:
+        return max(self.samples, default=0.0)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.peak_mb

@@ -280,12 +280,13 @@ class PostgresAggregateStore:
             conn = self._connect(dbname)
         except psycopg.OperationalError as exc:
             # libpq gives no SQLSTATE for a refused connection; the server's "database "x" does
-            # not exist" names the database in quotes in every locale. Other refusals naming it
-            # (no CONNECT privilege) fail again below with their own message.
-            if f'"{dbname}"' not in str(exc):
+            # not exist" names the database in quotes in every locale. Other refusals that name
+            # it (no CONNECT privilege) find it exists and keep their own message.
+            if f'"{dbname}"' not in str(exc) or not self._create_database():
                 raise
-            self._create_database()
+            self._migrated = False  # a new, empty database: migrate it whoever asked
             conn = self._connect(dbname)
+            migrate = True
         if migrate and not self._migrated:
             try:
                 self._apply_migrations(conn)
@@ -318,14 +319,18 @@ class PostgresAggregateStore:
             kwargs["password"] = c.password
         return psycopg.Connection.connect(autocommit=True, **kwargs)
 
-    def _create_database(self) -> None:
+    def _create_database(self) -> bool:
+        """Create the configured database through `postgres`; False if it was there already."""
         name = self._config.dbname
         with self._connect("postgres") as admin:
+            if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+                return False
             try:
                 admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
             except (errors.DuplicateDatabase, errors.UniqueViolation):
-                return  # another instance created it a moment ago
+                return True  # another instance created it a moment ago
         log.info("created database %s on %s:%s", name, self._config.host, self._config.port)
+        return True
 
     def _apply_migrations(self, conn: Connection) -> None:
         """Apply pending migrations in one transaction, under an advisory lock."""

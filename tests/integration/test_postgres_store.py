@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import attrs
 import psycopg
 import pytest
 
@@ -506,6 +507,45 @@ def test_reconnects_after_the_connection_is_lost(
         store.rows("ex1", "BTCUSDT", T0, T0 + M)
     assert store.rows("ex1", "BTCUSDT", T0, T0 + M) == [row(T0)]
     assert store.ping() > 0
+
+
+def test_a_database_dropped_under_the_store_is_created_and_migrated_again(
+    store: PostgresAggregateStore, pg_config: PostgresConfig
+) -> None:
+    store.upsert([row(T0)])
+    with psycopg.connect(
+        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+    ) as c:
+        c.execute(f'DROP DATABASE "{pg_config.dbname}" WITH (FORCE)')
+    with pytest.raises(PostgresStoreError):
+        store.ping()
+    assert store.rows("ex1", "BTCUSDT", T0, T0 + M) == []  # reconnected to a new database
+    store.upsert([row(T0, 2, 200.0)])
+    assert store.rows("ex1", "BTCUSDT", T0, T0 + M) == [row(T0, 2, 200.0)]
+
+
+def test_a_user_who_may_not_create_or_connect_gets_the_real_reason(
+    pg_missing_config: PostgresConfig,
+) -> None:
+    role = f"mf_role_{uuid.uuid4().hex[:12]}"
+    config = attrs.evolve(pg_missing_config, user=role)
+    with psycopg.connect(
+        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+    ) as c:
+        c.execute(f'CREATE ROLE "{role}" LOGIN NOCREATEDB')
+        try:
+            with PostgresAggregateStore(config) as store:
+                with pytest.raises(PostgresStoreError) as missing:
+                    store.migrate()
+                c.execute(f'CREATE DATABASE "{config.dbname}"')
+                c.execute(f'REVOKE CONNECT ON DATABASE "{config.dbname}" FROM PUBLIC')
+                with pytest.raises(PostgresStoreError) as refused:
+                    store.migrate()
+        finally:
+            c.execute(f'DROP ROLE "{role}"')
+    assert "permission denied to create database" in str(missing.value)
+    assert missing.value.sqlstate == "42501"
+    assert f'permission denied for database "{config.dbname}"' in str(refused.value)
 
 
 def test_a_blocked_statement_is_bounded_by_the_statement_timeout(pg_config: PostgresConfig) -> None:

@@ -8,17 +8,15 @@ from typing import Any
 import orjson
 import pytest
 import trio
-import trio.testing
 from quart.typing import TestWebsocketConnectionProtocol as WebSocket
 from quart.wrappers.base import ClientDisconnectedError
 from quart_trio import QuartTrio
+from trio.testing import MockClock
 
 from marketflow.api.app import create_app
 from marketflow.config import build_config
 from marketflow.service import Service
 from tests.unit.service_fakes import NOW_MS, make_service
-
-pytestmark = pytest.mark.usefixtures("autojump_clock")
 
 
 @pytest.fixture
@@ -51,7 +49,9 @@ def keys(frame: dict[str, Any]) -> list[tuple[str, str]]:
     return [(e["exchange"], e["symbol"]) for e in frame["data"]]
 
 
-async def test_snapshot_then_coalesced_prices(served: tuple[QuartTrio, Service]) -> None:
+async def test_snapshot_then_coalesced_prices(
+    served: tuple[QuartTrio, Service], autojump_clock: MockClock
+) -> None:
     app, service = served
     async with app.test_client().websocket("/ws/prices") as ws:
         snapshot = await receive(ws)
@@ -81,7 +81,9 @@ async def test_snapshot_then_coalesced_prices(served: tuple[QuartTrio, Service])
         }
 
 
-async def test_query_filters_the_subscription(served: tuple[QuartTrio, Service]) -> None:
+async def test_query_filters_the_subscription(
+    served: tuple[QuartTrio, Service], autojump_clock: MockClock
+) -> None:
     app, service = served
     path = "/ws/prices?symbols=btcusdt&exchanges=exchange1,test-exchange2"
     async with app.test_client().websocket(path) as ws:
@@ -107,7 +109,7 @@ async def test_query_filters_the_subscription(served: tuple[QuartTrio, Service])
     ],
 )
 async def test_bad_query_gets_an_error_frame_then_1008(
-    served: tuple[QuartTrio, Service], query: str
+    served: tuple[QuartTrio, Service], query: str, autojump_clock: MockClock
 ) -> None:
     app, _ = served
     async with app.test_client().websocket(f"/ws/prices?{query}") as ws:
@@ -116,7 +118,9 @@ async def test_bad_query_gets_an_error_frame_then_1008(
         assert await closed_with(ws) == 1008
 
 
-async def test_subscribe_unsubscribe_and_bad_messages(served: tuple[QuartTrio, Service]) -> None:
+async def test_subscribe_unsubscribe_and_bad_messages(
+    served: tuple[QuartTrio, Service], autojump_clock: MockClock
+) -> None:
     app, service = served
     async with app.test_client().websocket("/ws/prices?symbols=ETHUSDT") as ws:
         assert (await receive(ws))["data"] == []
@@ -152,7 +156,9 @@ async def test_subscribe_unsubscribe_and_bad_messages(served: tuple[QuartTrio, S
         assert frame["type"] == "prices" and keys(frame) == [("exchange1", "BTCUSDT")]
 
 
-async def test_shutdown_closes_with_1001(served: tuple[QuartTrio, Service]) -> None:
+async def test_shutdown_closes_with_1001(
+    served: tuple[QuartTrio, Service], autojump_clock: MockClock
+) -> None:
     app, service = served
     async with app.test_client().websocket("/ws/prices") as ws:
         await receive(ws)
@@ -160,7 +166,7 @@ async def test_shutdown_closes_with_1001(served: tuple[QuartTrio, Service]) -> N
         assert await closed_with(ws) == 1001
 
 
-async def test_not_ready_refuses_the_handshake() -> None:
+async def test_not_ready_refuses_the_handshake(autojump_clock: MockClock) -> None:
     config = build_config({})
     service = make_service(config, ready=False)
     app = create_app(config, service=service)

@@ -1,0 +1,76 @@
+"""`WS /ws/prices` against the real process: frames, pacing, errors and the 1001 on shutdown."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+from typing import Any
+
+import orjson
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from tests.e2e.conftest import Factory
+
+
+async def frame(ws: WebSocketConnection) -> dict[str, Any]:
+    with trio.fail_after(5):
+        message = orjson.loads(await ws.get_message())
+    assert isinstance(message, dict)
+    return message
+
+
+async def test_stream_paces_frames_answers_messages_and_closes_1001(marketflow: Factory) -> None:
+    mf = marketflow({"app": {"ws_min_interval_ms": 200}})
+    url = f"ws://127.0.0.1:{mf.port}/ws/prices?symbols=btcusdt,ETHUSDT"
+    with trio.fail_after(30):
+        async with open_websocket_url(url) as ws:
+            first = await frame(ws)
+            assert first["type"] == "snapshot"
+            arrivals: list[float] = []
+            while len(arrivals) < 6:
+                message = await frame(ws)
+                assert message["type"] == "prices"
+                arrivals.append(trio.current_time())
+                for entry in message["data"]:
+                    assert entry["symbol"] in ("BTCUSDT", "ETHUSDT")
+                    assert entry["exchange"].startswith("test-exchange")
+                    assert set(entry) == {"symbol", "exchange", "price", "timestamp"}
+                # One frame per interval carries every changed key (latest wins), not one per tick.
+                keys = [(e["exchange"], e["symbol"]) for e in message["data"]]
+                assert len(keys) == len(set(keys))
+            gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+            assert min(gaps) > 0.1, gaps  # at most one frame per 200 ms (network jitter allowed)
+
+            await ws.send_message('{"op":"subscribe","symbols":["NOPE"]}')
+            while (message := await frame(ws))["type"] == "prices":
+                pass
+            assert message == {"type": "error", "error": "unknown symbol NOPE"}
+            await ws.send_message('{"op":"unsubscribe","exchanges":["test-exchange1"]}')
+            while (message := await frame(ws))["type"] == "prices":
+                pass
+            assert message["type"] == "snapshot"
+            assert all(e["exchange"] != "test-exchange1" for e in message["data"])
+
+            mf.signal(signal.SIGINT)
+            try:
+                while True:
+                    await ws.get_message()
+            except ConnectionClosed as closed:
+                assert closed.reason.code == 1001
+    assert await trio.to_thread.run_sync(mf.wait, 20) == 0
+
+
+async def test_bad_query_gets_an_error_then_1008(marketflow: Factory) -> None:
+    mf = marketflow()
+    url = f"ws://127.0.0.1:{mf.port}/ws/prices?exchanges=nowhere"
+    with trio.fail_after(20):
+        async with open_websocket_url(url) as ws:
+            message = await frame(ws)
+            assert message == {"type": "error", "error": "unknown exchange nowhere"}
+            try:
+                await ws.get_message()
+            except ConnectionClosed as closed:
+                assert closed.reason.code == 1008
+            else:
+                raise AssertionError("the connection stayed open")
