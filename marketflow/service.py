@@ -16,6 +16,7 @@ import trio
 
 from marketflow import __version__
 from marketflow.aggregation import Aggregator
+from marketflow.broadcast import PriceHub
 from marketflow.config import Config
 from marketflow.flusher import RedisFlusher, StoreHealth, describe, probe_stores
 from marketflow.metrics import Metrics
@@ -51,6 +52,14 @@ class Service:
         self.state = MarketState(app.window_seconds)
         self.metrics = Metrics()
         self.pipeline = Pipeline(config, self.state, clock=clock)
+        self.hub = PriceHub(
+            self.state,
+            self.pipeline.sources,
+            symbols=app.symbols,
+            all_sources=config.all_sources,
+            interval_s=app.ws_min_interval_ms / 1000,
+            max_lag_s=app.ws_max_lag_s,
+        )
         self.redis: PriceStore = price_store or RedisPriceStore(
             config.redis, window_seconds=app.window_seconds, ttl_seconds=app.redis_ttl_seconds
         )
@@ -109,6 +118,7 @@ class Service:
                 nursery.start_soon(self.flusher.run)
                 nursery.start_soon(self.aggregator.run)
                 await nursery.start(self.pipeline.run)
+                await nursery.start(self.hub.run, self.stopping)
                 self.ready.set()
                 log.info(
                     "marketflow ready",

@@ -13,54 +13,40 @@ Protocol choices (documented in docs/api.md):
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import orjson
 import trio
 from quart import websocket
+from quart.wrappers.base import ClientDisconnectedError
 from quart_trio import QuartTrio
 from werkzeug.datastructures import MultiDict
 
 from marketflow.api.app import service_of
-from marketflow.broadcast import CLOSE_GOING_AWAY, CLOSE_POLICY, Client, PriceHub, error_frame
+from marketflow.broadcast import (
+    CLOSE_POLICY,
+    SNAPSHOT,
+    Client,
+    PriceHub,
+    error_frame,
+)
 from marketflow.config import Config
 from marketflow.queries import Catalog, QueryError
 from marketflow.service import Service
 
 log = logging.getLogger("marketflow.ws")
 
-HUB_KEY = "marketflow_hub"
 CLOSE_INTERNAL = 1011
 CLOSE_TIMEOUT_S = 2.0
 MAX_LIST_ITEMS = 256
 
 
-def new_hub(service: Service, config: Config) -> PriceHub:
-    return PriceHub(
-        service.state,
-        service.pipeline.sources,
-        symbols=config.app.symbols,
-        all_sources=config.all_sources,
-        interval_s=config.app.ws_min_interval_ms / 1000,
-        max_lag_s=config.app.ws_max_lag_s,
-    )
-
-
-def hub_of(app: QuartTrio, service: Service) -> PriceHub | None:
-    """The service's hub if it owns one, else the one this module started for the app."""
-    hub = getattr(service, "hub", None)
-    if isinstance(hub, PriceHub):
-        return hub
-    hub = app.extensions.get(HUB_KEY)
-    return hub if isinstance(hub, PriceHub) and hub.state is service.state else None
-
-
 # --- subscriptions -----------------------------------------------------------------------------
 
 
-def _names(values: Iterable[str], check: Any, field: str) -> frozenset[str]:
+def _names(values: Iterable[object], check: Callable[[str], str], field: str) -> frozenset[str]:
     names: set[str] = set()
     for value in values:
         if not isinstance(value, str):
@@ -134,24 +120,8 @@ def apply_message(
 
 
 def register(app: QuartTrio, config: Config) -> None:
-    """Add `WS /ws/prices`, and run a `PriceHub` for the app's lifetime unless the service
-    already owns one (`service.hub`)."""
+    """Add `WS /ws/prices`; the service's `PriceHub` fans prices out to the clients."""
     catalog = Catalog(config)
-
-    @app.before_serving
-    async def start_hub() -> None:
-        service = app.extensions.get("marketflow")
-        if not isinstance(service, Service) or hub_of(app, service) is not None:
-            return
-        hub = new_hub(service, config)
-        app.extensions[HUB_KEY] = hub
-        await app.nursery.start(hub.run, service.stopping)
-
-    @app.after_serving
-    async def stop_hub() -> None:
-        hub = app.extensions.pop(HUB_KEY, None)
-        if isinstance(hub, PriceHub):
-            hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
 
     @app.websocket("/ws/prices")
     async def prices_stream() -> None:
@@ -163,8 +133,8 @@ def register(app: QuartTrio, config: Config) -> None:
             await websocket.send(error_frame(exc.message))
             await _close(CLOSE_POLICY, exc.message)
             return
-        hub = hub_of(app, service)
-        if hub is None or not hub.running:
+        hub = service.hub
+        if not hub.running:
             await websocket.send(error_frame("the live stream is not running"))
             await _close(CLOSE_INTERNAL, "the live stream is not running")
             return
@@ -173,7 +143,7 @@ def register(app: QuartTrio, config: Config) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump, hub, client, nursery.cancel_scope)
                 nursery.start_soon(_watch_close, client, nursery.cancel_scope)
-                await _read_messages(catalog, hub, client, service)
+                await _read_messages(catalog, client, service)
                 nursery.cancel_scope.cancel()  # the client went away
         finally:
             hub.remove(client)
@@ -182,7 +152,8 @@ def register(app: QuartTrio, config: Config) -> None:
 
 
 async def _pump(hub: PriceHub, client: Client, scope: trio.CancelScope) -> None:
-    await hub.pump(client, websocket.send)
+    with contextlib.suppress(ClientDisconnectedError):
+        await hub.pump(client, websocket.send)
     scope.cancel()
 
 
@@ -191,16 +162,20 @@ async def _watch_close(client: Client, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _read_messages(catalog: Catalog, hub: PriceHub, client: Client, service: Service) -> None:
-    """Apply the client's messages; answer each with a snapshot or an error frame."""
+async def _read_messages(catalog: Catalog, client: Client, service: Service) -> None:
+    """Apply the client's messages, answering each with a snapshot or an error frame; return
+    when the client goes away."""
     while True:
-        data = await websocket.receive()
+        try:
+            data = await websocket.receive()
+        except ClientDisconnectedError:
+            return
         try:
             apply_message(catalog, client, data, service.pipeline.sources())
         except QueryError as exc:
             await client.put_control(error_frame(exc.message), trio.current_time())
         else:
-            await client.put_control(None, trio.current_time())
+            await client.put_control(SNAPSHOT, trio.current_time())
 
 
 async def _close(code: int, reason: str) -> None:

@@ -1,7 +1,8 @@
-"""`WS /ws/prices` through Quart's test client, with the app's lifespan running the hub."""
+"""`WS /ws/prices` through Quart's test client, with the service's hub running."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,8 +25,10 @@ async def served() -> AsyncIterator[tuple[QuartTrio, Service]]:
     config = build_config({"app": {"ws_min_interval_ms": 100, "ws_max_lag_s": 2}})
     service = make_service(config)
     app = create_app(config, service=service)
-    async with app.test_app():
+    async with app.test_app(), trio.open_nursery() as nursery:
+        await nursery.start(service.hub.run, service.stopping)  # as Service.run does
         yield app, service
+        nursery.cancel_scope.cancel()
 
 
 async def receive(ws: WebSocket) -> dict[str, Any]:
@@ -175,3 +178,17 @@ async def test_not_ready_refuses_the_handshake(autojump_clock: MockClock) -> Non
             await ws.receive()
         response = getattr(info.value, "response", None)
         assert response is not None and response.status_code == 503
+
+
+async def test_a_client_going_away_leaves_nothing_behind(
+    served: tuple[QuartTrio, Service], autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, service = served
+    hub = service.hub
+    for _ in range(3):
+        async with app.test_client().websocket("/ws/prices") as ws:
+            await receive(ws)
+            assert len(hub.clients) == 1
+        await trio.sleep(0.5)
+        assert not hub.clients
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
