@@ -130,11 +130,12 @@ class Pipeline:
         if self._sources_scope is not None:
             self._sources_scope.cancel()
 
-    async def switch_mode(self, mode: Mode) -> bool:
-        """Stop the current sources and start `mode`'s; False if `mode` is already current."""
+    async def switch_mode(self, mode: Mode) -> tuple[Mode, bool]:
+        """Stop the current sources and start `mode`'s. Returns (previous mode, changed);
+        read under the lock, so concurrent switches each see the mode they replaced."""
         async with self._switch_lock:
             if mode == self.mode:
-                return False
+                return mode, False
             if self._sources_nursery is None:
                 raise RuntimeError("the pipeline is not running")
             if self._sources_scope is not None:
@@ -145,7 +146,7 @@ class Pipeline:
             log.info(
                 "mode switched", extra={"ctx": {"mode": mode.value, "previous": previous.value}}
             )
-            return True
+            return previous, True
 
     def sources(self, mode: Mode | None = None) -> list[str]:
         return self.config.sources_for((mode or self.mode).value)

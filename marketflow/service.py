@@ -234,9 +234,8 @@ class Service:
     # --- the operations the API calls --------------------------------------------------------
 
     async def switch_mode(self, mode: Mode) -> tuple[Mode, bool]:
-        previous = self.pipeline.mode
-        changed = await self.pipeline.switch_mode(mode)
-        return (previous if changed else mode), changed
+        """(previous mode, changed): the operation behind `POST /mode/*`."""
+        return await self.pipeline.switch_mode(mode)
 
     def health(self) -> dict[str, Any]:
         now = trio.current_time() if _in_trio() else None

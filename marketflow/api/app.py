@@ -137,6 +137,8 @@ def create_app(config: Config, *, service: Service | None) -> QuartTrio:
         if name not in ("test", "live"):
             raise ClientError(404, f"unknown mode {name[:32]!r}: use test or live")
         svc = service_of(app)
+        if svc.stopping.is_set():
+            raise ServiceUnavailable("marketflow is shutting down")
         previous, changed = await svc.switch_mode(Mode(name))
         return json_response(
             {
