@@ -18,7 +18,7 @@ import cattrs
 
 SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 SYMBOL_RE = re.compile(r"^[A-Za-z0-9]{2,20}$")
-PERIOD_RE = re.compile(r"^(?:\d+[smhd])+$")
+PERIOD_RE = re.compile(r"^(?:[0-9]+[smhd])+$")
 DEFAULT_SYMBOLS = ["BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT"]
 
 
@@ -134,7 +134,7 @@ class Config:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_PERIOD_PART = re.compile(r"(\d+)([smhd])")
+_PERIOD_PART = re.compile(r"([0-9]+)([smhd])")
 
 
 def parse_period(text: str) -> int | None:

@@ -121,6 +121,7 @@ def test_secrets_are_not_in_repr() -> None:
         ("", None),
         ("1m1m", None),
         ("m", None),
+        ("\uff13m", None),  # a fullwidth digit: int() would read it, the API must not
     ],
 )
 def test_parse_period(text: str, seconds: int | None) -> None:
