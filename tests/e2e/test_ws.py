@@ -79,3 +79,53 @@ async def test_bad_query_gets_an_error_then_1008(marketflow: Factory) -> None:
             message = await frame(ws)
             assert message == {"type": "error", "error": "unknown exchange nowhere"}
             assert await closed_code(ws) == 1008
+
+
+def stalled_client(port: int) -> Any:
+    """A WebSocket client that completes the handshake and then never reads again."""
+    import base64
+    import os
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /ws/prices HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    assert b" 101 " in sock.recv(1024)
+    return sock
+
+
+async def test_a_stalled_client_is_dropped_and_others_keep_their_rate(marketflow: Factory) -> None:
+    mf = marketflow({"app": {"ws_min_interval_ms": 20, "ws_max_lag_s": 1}, "test": {"rate": 20000}})
+    url = f"ws://127.0.0.1:{mf.port}/ws/prices"
+
+    async def frames_per_second(ws: WebSocketConnection, seconds: float) -> float:
+        count = 0
+        with trio.move_on_after(seconds):
+            while True:
+                await frame(ws)
+                count += 1
+        return count / seconds
+
+    with trio.fail_after(60):
+        async with open_websocket_url(url) as ws:
+            assert (await frame(ws))["type"] == "snapshot"
+            before = await frames_per_second(ws, 1.0)
+            stalled = stalled_client(mf.port)
+            try:
+                during = []
+                while not any("too slow" in line for line in mf.lines):
+                    during.append(await frames_per_second(ws, 1.0))
+                    assert len(during) < 40, "the stalled client was never dropped"
+                after = await frames_per_second(ws, 1.0)
+            finally:
+                stalled.close()
+            assert before > 20  # ~50 frames/s at a 20 ms interval
+            assert min([*during, after]) > 0.6 * before, (before, during, after)
+            await ws.aclose()
