@@ -18,6 +18,7 @@ import trio
 from marketflow.config import Config
 from marketflow.feeds.reader import read_feed
 from marketflow.generator import generate
+from marketflow.logs import rate_limited
 from marketflow.models import Key, Mode, SourceStats, SourceStatus, Tick, TickBatch
 from marketflow.state import MarketState
 
@@ -94,8 +95,21 @@ class Pipeline:
         async with recv:
             async for item in recv:
                 for (source, symbol), ticks in item:
-                    state.late += state.key(source, symbol).fold(ticks)
+                    late = state.key(source, symbol).fold(ticks)
                     state.updates_total += len(ticks)
+                    if late:
+                        state.late += late
+                        if rate_limited("late-ticks", 10.0):
+                            log.warning(
+                                "ticks older than every held minute counted as late",
+                                extra={
+                                    "ctx": {
+                                        "source": source,
+                                        "symbol": symbol,
+                                        "late_total": state.late,
+                                    }
+                                },
+                            )
 
     @property
     def queue_depth(self) -> int:

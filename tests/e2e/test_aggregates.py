@@ -261,3 +261,19 @@ def test_stopped_while_postgres_down_then_started_with_it_up_loses_nothing(
     mf.signal(signal.SIGTERM)
     assert mf.wait(15) == 0
     assert_rows_match(rows(dbname), want)
+
+
+def test_a_tick_older_than_every_held_minute_is_late_not_in_a_row(
+    marketflow: Factory, feed: ScriptedFeed, quiet: Simulator, dbname: str
+) -> None:
+    mf = marketflow(config(feed, quiet))
+    feed.wait_client()
+    m = minute_now()
+    old = [("BTCUSDT", 5.0, m - 7 * MINUTE)]  # within skew, older than the 300 s window held
+    fresh = ticks_for(m - MINUTE, "BTCUSDT", [6.0, 7.0])
+    feed.send(old + fresh)
+    wait_for(lambda: mf.health()["pipeline"]["late"] == 1, 10, "late counted")
+    want = expected(fresh)
+    wait_for(lambda: len(rows(dbname)) == len(want), 15, "fresh minute written")
+    assert_rows_match(rows(dbname), want)
+    assert "counted as late" in mf.output
