@@ -83,13 +83,16 @@ async def probe(port: int, seconds: float, poll_s: float) -> tuple[list[float], 
 
 def run_rate(rate: int, seconds: float, poll_s: float) -> dict[str, Any]:
     per_feed = rate / FEEDS
-    # Each blaster sends from the moment marketflow connects, through start-up and warm-up.
-    blasters = [Blaster(seconds + WARMUP_S + 5, per_feed, seed=i) for i in range(FEEDS)]
+    # Each blaster sends from the moment marketflow connects until it is told to finish.
+    blasters = [Blaster(seconds + WARMUP_S + 60, per_feed, seed=i) for i in range(FEEDS)]
     try:
-        with tempfile.TemporaryDirectory() as tmp, live_marketflow(Path(tmp), blasters) as (
-            mf,
-            _,
-            _,
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            live_marketflow(Path(tmp), blasters) as (
+                mf,
+                _,
+                _,
+            ),
         ):
             wait_for(lambda: folded(mf) > 0, 30, "first ticks folded")
             cpu = CpuMeter(mf.proc.pid)
@@ -97,7 +100,7 @@ def run_rate(rate: int, seconds: float, poll_s: float) -> dict[str, Any]:
             rest, ws, requests = trio.run(probe, mf.port, seconds, poll_s)
             elapsed = time.monotonic() - started
             cpu_percent = cpu.read()
-            sent = blasters_done(blasters, seconds + 60)
+            sent = blasters_done(blasters, 60, finish=True)
             wait_for(lambda: folded(mf) >= sent, 60, "every tick folded", interval=0.02)
             done = folded(mf)
     finally:

@@ -45,6 +45,7 @@ from benchmarks.common import (
 )
 from tests.procs import Process, redis_prefix, wait_for
 
+
 def redis_commands(r: redis.Redis) -> int:
     return int(r.info("stats")["total_commands_processed"])
 
@@ -61,10 +62,13 @@ def run_marketflow(seconds: float, feeds: int, rate: int | None) -> dict[str, An
     r = redis.Redis()
     blasters = [Blaster(seconds, rate, seed=i) for i in range(feeds)]
     try:
-        with tempfile.TemporaryDirectory() as tmp, live_marketflow(Path(tmp), blasters) as (
-            mf,
-            dbname,
-            prefix,
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            live_marketflow(Path(tmp), blasters) as (
+                mf,
+                dbname,
+                prefix,
+            ),
         ):
             wait_for(lambda: folded(mf) > 0, 30, "first ticks folded", interval=0.01)
             before = scrape(mf)

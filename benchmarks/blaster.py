@@ -5,7 +5,8 @@
 
 marketflow's reader connects to it as to an exchange. Once a client connects, the blaster sends
 lines as fast as the socket takes them (`--max`) or at `--rate` lines/s paced in 10 ms chunks, for
-`--seconds`, with current timestamps. Then it stops sending but keeps the connection open until
+`--seconds`, with current timestamps, or until SIGUSR1 (which ends the sending at the next chunk
+boundary, so the count stays exact). Then it stops sending but keeps the connection open until
 the client closes it or the process gets SIGINT/SIGTERM (exit 0).
 
 stdout, one JSON object a line: first `{"listening": {"host": ..., "port": ...}}` (the bound port,
@@ -46,6 +47,16 @@ class Stop(Exception):
 
 def _raise_stop(signum: int, frame: FrameType | None) -> NoReturn:
     raise Stop
+
+
+class Finish:
+    """SIGUSR1 sets `requested`: stop sending at the next chunk boundary."""
+
+    requested = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: FrameType | None) -> None:
+        cls.requested = True
 
 
 def build_heads(symbols: Sequence[str], seed: int | None, rounds: int = POOL_ROUNDS) -> list[bytes]:
@@ -101,7 +112,7 @@ def blast(
         while True:
             now = time.monotonic()
             if rounds_per_s is None:
-                if now >= end:
+                if now >= end or Finish.requested:
                     break
                 due = pool.max_rounds
             else:  # what is due by now, and at the end exactly seconds * rate
@@ -116,7 +127,7 @@ def blast(
                 if rounds_per_s is None:
                     break
             if rounds_per_s is not None:
-                if now >= end:
+                if now >= end or Finish.requested:
                     break
                 tick += 1
                 pause = start + tick * TICK_S - time.monotonic()
@@ -222,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGUSR1, Finish.handle)
     try:
         return run(args)
     except Stop:  # between the steps that handle it themselves

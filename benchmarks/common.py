@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -119,6 +120,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Hypercorn runs its workers as child processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(p)
+    return total
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size (VmRSS) in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -128,19 +153,21 @@ def rss_mb(pid: int) -> float:
 
 
 class CpuMeter:
-    """CPU share of a process between `start()` and `read()` (100 = one core)."""
+    """CPU share of a process (and its children, `tree=True`) between `start()` and `read()`,
+    100 = one core."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, *, tree: bool = False) -> None:
         self.pid = pid
+        self._measure = tree_cpu_seconds if tree else cpu_seconds
         self.start()
 
     def start(self) -> None:
-        self._cpu = cpu_seconds(self.pid)
+        self._cpu = self._measure(self.pid)
         self._t = time.monotonic()
 
     def read(self) -> float:
         elapsed = time.monotonic() - self._t
-        return 100 * (cpu_seconds(self.pid) - self._cpu) / elapsed if elapsed > 0 else 0.0
+        return 100 * (self._measure(self.pid) - self._cpu) / elapsed if elapsed > 0 else 0.0
 
 
 # --- feeds ---------------------------------------------------------------------------------------
@@ -176,6 +203,10 @@ class Blaster(Process):
             raise AssertionError(f"blaster exited: {self.output}")
         return None
 
+    def finish(self) -> None:
+        """Stop sending at the next chunk boundary (SIGUSR1); `summary()` stays exact."""
+        self.signal(signal.SIGUSR1)
+
     def summary(self) -> dict[str, Any] | None:
         for line in self.lines:
             if line.startswith("{") and '"sent"' in line:
@@ -183,8 +214,12 @@ class Blaster(Process):
         return None
 
 
-def blasters_done(blasters: Sequence[Blaster], timeout: float) -> int:
-    """Wait until every blaster has reported; the total number of lines they sent."""
+def blasters_done(blasters: Sequence[Blaster], timeout: float, *, finish: bool = False) -> int:
+    """Wait until every blaster has reported (after telling them to stop now, `finish`); the
+    total number of lines they sent."""
+    if finish:
+        for b in blasters:
+            b.finish()
     summaries = wait_for(
         lambda: all(b.summary() for b in blasters) and [b.summary() for b in blasters],
         timeout,

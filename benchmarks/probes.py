@@ -105,7 +105,7 @@ async def poll_latest(
 class FrameStats:
     """What one WebSocket client saw: frames, the gaps between them and each price's age."""
 
-    __slots__ = ("frames", "last", "lags", "max_gap_ms", "prices", "snapshots")
+    __slots__ = ("frames", "lags", "last", "max_gap_ms", "prices", "snapshots")
 
     def __init__(self) -> None:
         self.frames = 0

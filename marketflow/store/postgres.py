@@ -261,15 +261,26 @@ class PostgresAggregateStore:
     # -- connection handling ----------------------------------------------------------------
 
     def _call[T](self, fn: Callable[[Connection], T], *, migrating: bool = False) -> T:
-        """Run `fn` on the (re)opened connection; on any database error drop it and raise."""
+        """Run `fn` on the (re)opened connection; on any database error drop it and raise.
+
+        A connection that was already open and turns out broken (the server restarted, or a
+        proxy dropped it while idle) gets one immediate retry on a fresh connection: every call
+        here is a read or an idempotent whole-minute upsert, so running it again is safe.
+        """
         with self._lock:
-            try:
-                if self._conn is None:
-                    self._conn = self._open(migrate=not migrating)
-                return fn(self._conn)
-            except psycopg.Error as exc:
-                self._drop()
-                error = self._sanitized(exc)
+            for attempt in (1, 2):
+                reused = self._conn is not None
+                broken = False
+                try:
+                    if self._conn is None:
+                        self._conn = self._open(migrate=not migrating)
+                    return fn(self._conn)
+                except psycopg.Error as exc:
+                    broken = self._conn is not None and self._conn.broken
+                    self._drop()
+                    error = self._sanitized(exc)
+                if attempt == 2 or not (reused and broken):
+                    break
         # Raised outside the `except` block so the original (whose text came from libpq) is not
         # chained as context into tracebacks and logs.
         raise error

@@ -23,9 +23,9 @@ import redis
 
 from tests.procs import (
     CountingFeed,
+    HoldingProxy,
     Marketflow,
     RedisServer,
-    TcpProxy,
     peak_rss_mb,
     postgres_database,
     wait_for,
@@ -40,7 +40,7 @@ class HasPort(Protocol):
     port: int
 
 
-# --- figures -------------------------------------------------------------------------------------
+# --- figures ------------------------------------------------------------------------------------
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -74,7 +74,7 @@ def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
         os.close(fd)
 
 
-# --- the rig -------------------------------------------------------------------------------------
+# --- the rig ------------------------------------------------------------------------------------
 
 
 class Rig:
@@ -84,7 +84,7 @@ class Rig:
         self.tmp = tmp
         self.dbname = dbname
         self.redis = RedisServer()
-        self.proxy = TcpProxy(5432)
+        self.proxy = HoldingProxy(5432)
         self.processes: list[Marketflow] = []
         self.feeds: list[Any] = []
 
@@ -201,13 +201,20 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
             r.close()
 
 
-# --- accounting ----------------------------------------------------------------------------------
+# --- accounting ---------------------------------------------------------------------------------
 
 
 def messages(mf: Marketflow, source: str | None = None) -> int:
     sources = mf.health()["sources"]
     names = [source] if source else list(sources)
     return sum(int(sources[n]["messages"]) for n in names)
+
+
+def feeds_connected(mf: Marketflow) -> bool:
+    """Every source of the current mode is connected."""
+    health = mf.health()
+    current = mf.get("/mode").json()["sources"]
+    return all(health["sources"][name]["status"] == "connected" for name in current)
 
 
 def updates_total(mf: Marketflow) -> int:
