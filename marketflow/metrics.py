@@ -33,7 +33,7 @@ class Metrics:
         )
         self.ingest_batch_seconds = Histogram(
             "marketflow_ingest_batch_seconds",
-            "Time from a batch being read to its fold.",
+            "Time from a batch being read off its source to its fold into state.",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

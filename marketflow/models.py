@@ -12,8 +12,9 @@ import attrs
 
 # A parsed, validated update: (symbol, price, timestamp in ms).
 Tick = tuple[str, float, int]
-# What readers send down the fan-in channel: one source's ticks, in arrival order.
-TickBatch = tuple[str, list[Tick]]
+# What readers send down the fan-in channel: one source's ticks, in arrival order, and when
+# they were read (trio.current_time(), for the ingest latency histogram).
+TickBatch = tuple[str, list[Tick], float]
 # A key is (source, symbol).
 Key = tuple[str, str]
 

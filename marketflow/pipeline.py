@@ -19,6 +19,7 @@ from marketflow.config import Config
 from marketflow.feeds.reader import read_feed
 from marketflow.generator import generate
 from marketflow.logs import rate_limited
+from marketflow.metrics import Metrics
 from marketflow.models import Key, Mode, SourceStats, SourceStatus, Tick, TickBatch
 from marketflow.state import MarketState
 
@@ -27,17 +28,24 @@ log = logging.getLogger("marketflow.pipeline")
 FAN_IN_BATCHES = 1024  # bounded: a stalled worker pool slows readers, it never grows memory
 WORKER_BATCHES = 64
 
-WorkItem = list[tuple[Key, list[Tick]]]
+# One worker's share of a batch: when the batch was read, and its ticks grouped by key.
+WorkItem = tuple[float, list[tuple[Key, list[Tick]]]]
 
 
 class Pipeline:
     """Owns the fan-in channel, the distributor, the workers and the running sources."""
 
     def __init__(
-        self, config: Config, state: MarketState, *, clock: Callable[[], float] = time.time
+        self,
+        config: Config,
+        state: MarketState,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.state = state
+        self.metrics = metrics or Metrics()
         self.clock = clock
         self.mode = Mode(config.app.mode)
         self.stats = {name: SourceStats(name) for name in config.all_sources}
@@ -61,7 +69,7 @@ class Pipeline:
     async def send_batch(self, source: str, ticks: list[Tick]) -> None:
         """Hand one batch to the pipeline; shielded so a mode switch never drops a read batch."""
         with trio.CancelScope(shield=True):
-            await self._send.send((source, ticks))
+            await self._send.send((source, ticks, trio.current_time()))
 
     def _shard(self, key: Key) -> int:
         shard = self._shards.get(key)
@@ -76,24 +84,25 @@ class Pipeline:
             for send in self._worker_sends:
                 await stack.enter_async_context(send)
             async with self._recv:
-                async for source, ticks in self._recv:
+                async for source, ticks, read_at in self._recv:
                     groups: dict[str, list[Tick]] = {}
                     for tick in ticks:
                         group = groups.get(tick[0])
                         if group is None:
                             groups[tick[0]] = group = []
                         group.append(tick)
-                    per_worker: dict[int, WorkItem] = {}
+                    per_worker: dict[int, list[tuple[Key, list[Tick]]]] = {}
                     for symbol, group in groups.items():
                         key = (source, symbol)
                         per_worker.setdefault(self._shard(key), []).append((key, group))
                     for worker, item in per_worker.items():
-                        await self._worker_sends[worker].send(item)
+                        await self._worker_sends[worker].send((read_at, item))
 
     async def _work(self, recv: trio.MemoryReceiveChannel[WorkItem]) -> None:
         state = self.state
+        latency = self.metrics.ingest_batch_seconds
         async with recv:
-            async for item in recv:
+            async for read_at, item in recv:
                 for (source, symbol), ticks in item:
                     late = state.key(source, symbol).fold(ticks)
                     state.updates_total += len(ticks)
@@ -110,6 +119,7 @@ class Pipeline:
                                     }
                                 },
                             )
+                latency.observe(trio.current_time() - read_at)
 
     @property
     def queue_depth(self) -> int:

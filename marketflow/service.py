@@ -51,7 +51,7 @@ class Service:
         self.clock = clock
         self.state = MarketState(app.window_seconds)
         self.metrics = Metrics()
-        self.pipeline = Pipeline(config, self.state, clock=clock)
+        self.pipeline = Pipeline(config, self.state, metrics=self.metrics, clock=clock)
         self.hub = PriceHub(
             self.state,
             self.pipeline.sources,
