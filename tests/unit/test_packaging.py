@@ -1,4 +1,4 @@
-"""What a fresh machine relies on: the wheel carries the SQL, compose is valid, defaults are safe."""
+"""What a fresh machine relies on: the wheel carries the SQL, compose is valid, safe defaults."""
 
 from __future__ import annotations
 
