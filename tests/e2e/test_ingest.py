@@ -225,3 +225,24 @@ def test_sigterm_while_ingesting_exits_0_with_the_last_flush_in_redis(
         assert in_redis == total  # every folded tick is in the last flush (window holds 300 s)
     finally:
         sim.close()
+
+
+def test_a_silent_feed_is_reconnected_after_stale_after_s(
+    marketflow: Factory, simulator: Simulator
+) -> None:
+    from tests.procs import ScriptedFeed
+
+    silent = ScriptedFeed()
+    try:
+        ports = [silent.port, *simulator.ports[1:]]
+        mf = marketflow(
+            {"exchanges": exchanges(ports), "app": {"mode": "live", "stale_after_s": 1}}
+        )
+        silent.wait_client()
+        assert mf.health()["sources"]["exchange1"]["status"] == "connected"  # silent, yet open
+        wait_for(lambda: mf.health()["sources"]["exchange1"]["reconnects"] >= 1, 10, "stale seen")
+        wait_for(lambda: len(silent.clients) >= 2, 10, "a new connection after the backoff")
+        assert "stale" in mf.output
+        assert mf.health()["sources"]["exchange2"]["reconnects"] == 0
+    finally:
+        silent.close()
