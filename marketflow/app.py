@@ -12,6 +12,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from marketflow.api.app import create_app
 from marketflow.config import Config
+from marketflow.hypercorn_guard import guard_hypercorn_connections
 from marketflow.service import Service
 
 log = logging.getLogger("marketflow")
@@ -49,6 +50,7 @@ async def serve(
     """
     service = service or Service(config)
     app = create_app(config, service=service)
+    guard_hypercorn_connections()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, service)
         await nursery.start(service.run)

@@ -14,11 +14,13 @@ from typing import Any
 
 from marketflow.api.app import create_app as _create_api
 from marketflow.config import load_config
+from marketflow.hypercorn_guard import guard_hypercorn_connections
 from marketflow.logs import configure_logging
 
 
 def create_app() -> Any:
     path = os.environ.get("MARKETFLOW_CONFIG")
     config = load_config(Path(path) if path else None)
-    configure_logging(config.log.level, config.log.format)
+    configure_logging(config.log.level, config.log.format, secrets=config.secrets)
+    guard_hypercorn_connections()
     return _create_api(config, service=None)

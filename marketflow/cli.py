@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from marketflow.app import serve
     from marketflow.logs import configure_logging
 
-    configure_logging(config.log.level, config.log.format)
+    configure_logging(config.log.level, config.log.format, secrets=config.secrets)
     try:
         trio.run(serve, config)
     except KeyboardInterrupt:

@@ -127,6 +127,12 @@ class Config:
         return self.live_sources + self.test_sources
 
     @property
+    def secrets(self) -> list[str]:
+        """The configured credentials, for the log redaction (`configure_logging(secrets=...)`)."""
+        values = (self.http.admin_token, self.postgres.password, self.redis.password)
+        return [value for value in values if value]
+
+    @property
     def max_period_s(self) -> int:
         seconds = parse_period(self.app.max_period)
         assert seconds is not None

@@ -299,6 +299,7 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # the 5 s was for connecting; idle connections stay
             with self._lock:
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
@@ -615,6 +616,7 @@ class HoldingProxy(TcpProxy):
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # the 5 s was for connecting; idle connections stay
             upstream.settimeout(None)
             with self._lock:
                 self._conns += [client, upstream]

@@ -9,18 +9,21 @@ import uuid
 from typing import Any
 
 import orjson
-from quart import Response, g, request
+import trio
+from quart import Response, g, has_websocket_context, request, websocket
+from quart.wrappers.base import ClientDisconnectedError
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge, RequestTimeout
 
 from marketflow.config import Config
-from marketflow.logs import set_context
+from marketflow.logs import bind, set_context
 from marketflow.models import Mode
 from marketflow.service import Service
 
 log = logging.getLogger("marketflow.api")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_BODY_BYTES = 16 * 1024
+BODY_TIMEOUT_S = 5.0  # a chunked body must arrive within this (slow uploads hold no socket)
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -82,6 +85,30 @@ def create_app(config: Config, *, service: Service | None) -> QuartTrio:
         g.request_id = given if _REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
         set_context(request_id=g.request_id)
 
+    @app.before_request
+    async def bound_body() -> None:
+        """No endpoint reads a body, so Quart's MAX_CONTENT_LENGTH (checked only on read) never
+        fired and a 1 MB POST was served: refuse an announced oversized body at once, and read a
+        chunked one here, capped in size and time."""
+        length = request.content_length
+        if length is not None:
+            if length > MAX_BODY_BYTES:
+                raise RequestEntityTooLarge()
+            return
+        if "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
+            return
+        received = 0
+        with trio.move_on_after(BODY_TIMEOUT_S) as scope:
+            try:
+                async for chunk in request.body:
+                    received += len(chunk)
+                    if received > MAX_BODY_BYTES:
+                        raise RequestEntityTooLarge()
+            except ClientDisconnectedError:
+                raise BadRequest("request body incomplete") from None
+        if scope.cancelled_caught:
+            raise RequestTimeout()
+
     @app.after_request
     async def add_request_id(response: Response) -> Response:
         response.headers["X-Request-ID"] = getattr(g, "request_id", None) or uuid.uuid4().hex
@@ -100,6 +127,7 @@ def create_app(config: Config, *, service: Service | None) -> QuartTrio:
         messages = {
             404: "not found",
             405: "method not allowed",
+            408: "request body too slow",
             413: "request body too large",
         }
         status = exc.code or 500
@@ -110,7 +138,8 @@ def create_app(config: Config, *, service: Service | None) -> QuartTrio:
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error", extra={"ctx": {"path": request.path}})
+        path = websocket.path if has_websocket_context() else request.path
+        log.exception("unhandled error", extra={"ctx": {"path": path}})
         return error(500, "internal error")
 
     @app.get("/health")
@@ -139,7 +168,9 @@ def create_app(config: Config, *, service: Service | None) -> QuartTrio:
         svc = service_of(app)
         if svc.stopping.is_set():
             raise ServiceUnavailable("marketflow is shutting down")
-        previous, changed = await svc.switch_mode(Mode(name))
+        # The sources started now outlive this request: they must not log its request id.
+        with bind(request_id=None):
+            previous, changed = await svc.switch_mode(Mode(name))
         return json_response(
             {
                 "mode": name,

@@ -33,6 +33,8 @@ from marketflow.broadcast import (
     error_frame,
 )
 from marketflow.config import Config
+from marketflow.flusher import describe
+from marketflow.logs import rate_limited
 from marketflow.queries import Catalog, QueryError
 from marketflow.service import Service
 
@@ -126,7 +128,12 @@ def register(app: QuartTrio, config: Config) -> None:
     @app.websocket("/ws/prices")
     async def prices_stream() -> None:
         service = service_of(app)  # not ready: a 503 answer instead of the handshake
-        await websocket.accept()
+        try:
+            await websocket.accept()
+        except Exception as exc:  # a malformed upgrade: Hypercorn 0.18 raises from its h11 state
+            if rate_limited("ws-handshake", 10.0):
+                log.warning("websocket handshake failed", extra={"ctx": {"error": describe(exc)}})
+            return
         try:
             symbols, exchanges = parse_query(catalog, websocket.args)
         except QueryError as exc:

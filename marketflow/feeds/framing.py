@@ -107,6 +107,15 @@ class FeedParser:
             lines = _decode_many(chunk)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return self._parse_slowly(chunk)
+        # `decode_lines` reads a stream of JSON values, newlines or not: `{..} {..}` on one line
+        # would pass as two ticks here but as one malformed line in the slow path, so the result
+        # would depend on the chunking. The fast path stands only when every line starts with `{`
+        # and there are exactly as many objects as lines (two C-level counts per chunk).
+        lines_in_chunk = chunk.count(b"\n")
+        if len(lines) != lines_in_chunk or (
+            chunk.count(b"\n{") + chunk.startswith(b"{") != lines_in_chunk
+        ):
+            return self._parse_slowly(chunk)
         now_ms = int(self._clock() * 1000)
         lo, hi = now_ms - self._max_skew_ms, now_ms + self._max_skew_ms
         symbols = self._symbols
@@ -131,7 +140,8 @@ class FeedParser:
         """The slow path for a line that is well-typed but may be invalid. Returns it if valid."""
         if symbol not in self._symbols:
             upper = symbol.upper()
-            if upper not in self._symbols:
+            # ASCII only, like the API's names: "btcu\u017fdt".upper() is "BTCUSDT" too.
+            if upper not in self._symbols or not symbol.isascii():
                 self._reject(Reject.UNKNOWN_SYMBOL, line)
                 return None
             symbol = upper
@@ -164,7 +174,9 @@ class FeedParser:
     def _classify_loose(self, raw: bytes, lo: int, hi: int) -> Tick | None:
         """A line msgspec refused: NaN/Infinity literals and huge numbers are prices, not junk."""
         try:
-            obj = json.loads(raw)
+            # Decode first: json.loads(bytes) would guess UTF-16/32 and accept what SPEC §2
+            # calls malformed (not UTF-8); UnicodeDecodeError is a ValueError.
+            obj = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError):
             self._reject(Reject.MALFORMED, raw)
             return None
@@ -181,7 +193,14 @@ class FeedParser:
         ):
             self._reject(Reject.MALFORMED, raw)
             return None
-        return self._classify(symbol, float(price), ts, lo, hi, raw)
+        try:
+            value = float(price)
+        except OverflowError:
+            # An integer beyond any double (`1` and 400 zeros): not a finite price. Uncaught,
+            # this ended the reader task and with it the whole service.
+            self._reject(Reject.BAD_PRICE, raw)
+            return None
+        return self._classify(symbol, value, ts, lo, hi, raw)
 
     def _reject(self, reason: Reject, line: FeedLine | bytes) -> None:
         self.rejected[reason] += 1

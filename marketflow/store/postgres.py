@@ -293,9 +293,12 @@ class PostgresAggregateStore:
             # libpq gives no SQLSTATE for a refused connection; the server's "database "x" does
             # not exist" names the database in quotes in every locale. Other refusals that name
             # it (no CONNECT privilege) find it exists and keep their own message.
-            if f'"{dbname}"' not in str(exc) or not self._create_database():
+            if f'"{dbname}"' not in str(exc):
                 raise
-            self._migrated = False  # a new, empty database: migrate it whoever asked
+            # Created now, or by another instance a moment ago (then it may still be empty):
+            # connect again either way; without CONNECT privilege this raises the real reason.
+            self._create_database()
+            self._migrated = False
             conn = self._connect(dbname)
             migrate = True
         if migrate and not self._migrated:

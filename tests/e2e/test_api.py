@@ -93,8 +93,9 @@ def test_statistics_equal_hand_computed_values_from_buckets_and_from_postgres(
     assert first.wait(15) == 0
     for f in feeds:
         f.close_clients()
-    # Run 2 holds only a 60 s window: the old minutes are answered from PostgreSQL.
-    mf = marketflow(live(feeds, window_seconds=60))
+    # Run 2 holds a 120 s window: whole minutes from one starting 60-120 s ago, so the recent
+    # ticks (up to 20 s old) are held and the old minutes are answered from PostgreSQL.
+    mf = marketflow(live(feeds, window_seconds=120))
     for f in feeds:
         f.wait_client()
     now = int(time.time() * 1000)
