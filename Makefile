@@ -33,8 +33,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check marketflow tests benchmarks
 	$(BIN)/mypy
 
+# wrk (the HTTP load generator of benchmarks/bench_api.py) comes from apt when it is missing,
+# py-spy (its profiles) from PyPI into the venv.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run
+	@command -v wrk >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q wrk; }
+	@test -x $(BIN)/py-spy || $(BIN)/python -m pip install -q py-spy
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

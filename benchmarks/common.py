@@ -8,11 +8,14 @@ targets (the loss checks are exact counts, and a miscount is reported, not raise
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
 import os
 import platform
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -296,7 +299,8 @@ def db_totals(dbname: str) -> dict[str, int]:
                  FROM aggregates"""
         ).fetchone()
     assert row is not None
-    return {"rows": row[0], "ticks": row[1], "minutes": row[2], "keys": row[3]}
+    rows, ticks, minutes, keys = (int(v) for v in row)
+    return {"rows": rows, "ticks": ticks, "minutes": minutes, "keys": keys}
 
 
 def stop(mf: Marketflow, timeout: float = 30) -> int:
@@ -304,3 +308,85 @@ def stop(mf: Marketflow, timeout: float = 30) -> int:
     mf.client.close()
     mf.proc.terminate()
     return mf.proc.wait(timeout=timeout)
+
+
+# --- profiles ------------------------------------------------------------------------------------
+
+
+def py_spy() -> str | None:
+    local = Path(sys.executable).with_name("py-spy")
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+def py_spy_record(pid: int, out: Path, seconds: float, rate: int = 200) -> subprocess.Popen[bytes]:
+    """py-spy recording `pid` for `seconds` into `out` (collapsed stacks, every thread, idle
+    samples included, without pausing the process)."""
+    command = py_spy()
+    assert command is not None
+    return subprocess.Popen(
+        [
+            command,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(seconds)),
+            "--rate",
+            str(rate),
+            "--threads",
+            "--idle",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+# Where a sample of marketflow's main thread belongs, first match wins (py-spy frame texts).
+CATEGORIES = [
+    ("ingest", r"read_feed|_distribute|Pipeline\._work|framing\.py|generator\.py"),
+    ("WebSocket hub", r"PriceHub|broadcast\.py|api/ws\.py"),
+    ("stores (flusher, aggregator, probes)", r"flusher\.py|aggregation\.py|probe_stores"),
+    ("marketflow request handling", r"marketflow/(api|queries|state)"),
+    ("Quart, Werkzeug, Blinker", r"[(/](quart|quart_trio|werkzeug|blinker)/"),
+    ("Hypercorn, h11, wsproto", r"[(/](hypercorn|h11|wsproto)/"),
+    ("idle (waiting in epoll)", r"_io_epoll\.py"),
+]
+
+
+def profile_breakdown(collapsed: Path, top: int = 12) -> dict[str, Any]:
+    """Shares of the main thread's samples per category and its hottest frames (self time),
+    from py-spy's collapsed stacks (`--threads --idle`)."""
+    categories: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not frames or "MainThread" not in frames[0]:
+            continue
+        n = int(count)
+        total += n
+        leaf = re.sub(r" \(.*?/site-packages/", " (", frames[-1])
+        own[leaf] += n
+        category = "trio core and the rest"
+        for name, pattern in CATEGORIES:
+            if name.startswith("idle"):
+                if re.search(pattern, frames[-1]):
+                    category = name
+                    break
+            elif any(re.search(pattern, f) for f in frames):
+                category = name
+                break
+        categories[category] += n
+    if not total:
+        return {"samples": 0, "categories": [], "self": []}
+    return {
+        "samples": total,
+        "categories": [(c, round(100 * k / total, 1)) for c, k in categories.most_common()],
+        "self": [(f, round(100 * k / total, 1)) for f, k in own.most_common(top)],
+    }

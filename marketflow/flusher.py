@@ -87,8 +87,11 @@ class RedisFlusher:
 
     async def run(self) -> None:
         """Flush forever; cancel to stop (call `flush()` once more for a final write)."""
+        due = trio.current_time()
         while True:
-            await trio.sleep(self.interval_s)
+            # A fixed schedule: the period is `interval_s`, not `interval_s` plus the flush.
+            due = max(due + self.interval_s, trio.current_time())
+            await trio.sleep_until(due)
             await self.flush()
 
     async def flush(self, *, force: bool = False) -> bool:
