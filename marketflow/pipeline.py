@@ -27,6 +27,7 @@ log = logging.getLogger("marketflow.pipeline")
 
 FAN_IN_BATCHES = 1024  # bounded: a stalled worker pool slows readers, it never grows memory
 WORKER_BATCHES = 64
+DRAIN_BATCHES = 256  # batches one distributor turn may take from the fan-in
 
 # One worker's share of a batch: when the batch was read, and its ticks grouped by key.
 WorkItem = tuple[float, list[tuple[Key, list[Tick]]]]
@@ -79,47 +80,78 @@ class Pipeline:
         return shard
 
     async def _distribute(self) -> None:
-        """Split each batch by key and pass each worker its part; ends when the fan-in closes."""
+        """Split batches by key and pass each worker its part; ends when the fan-in closes.
+
+        Each turn takes every batch already queued (up to DRAIN_BATCHES) and hands each worker
+        one item for all of them, without a checkpoint where a channel has room: under a
+        thousand busy WebSocket tasks a scheduler turn is long, and ingest must not wait for one
+        per batch.
+        """
         async with AsyncExitStack() as stack:
             for send in self._worker_sends:
                 await stack.enter_async_context(send)
             async with self._recv:
-                async for source, ticks, read_at in self._recv:
-                    groups: dict[str, list[Tick]] = {}
-                    for tick in ticks:
-                        group = groups.get(tick[0])
-                        if group is None:
-                            groups[tick[0]] = group = []
-                        group.append(tick)
+                async for first in self._recv:
+                    batches = [first]
+                    while len(batches) < DRAIN_BATCHES:
+                        try:
+                            batches.append(self._recv.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    groups: dict[Key, list[Tick]] = {}
+                    for source, ticks, _ in batches:
+                        by_symbol: dict[str, list[Tick]] = {}
+                        for tick in ticks:
+                            group = by_symbol.get(tick[0])
+                            if group is None:
+                                by_symbol[tick[0]] = group = []
+                            group.append(tick)
+                        for symbol, group in by_symbol.items():
+                            held = groups.get((source, symbol))
+                            if held is None:
+                                groups[(source, symbol)] = group
+                            else:
+                                held.extend(group)  # arrival order kept: batches in order
                     per_worker: dict[int, list[tuple[Key, list[Tick]]]] = {}
-                    for symbol, group in groups.items():
-                        key = (source, symbol)
+                    for key, group in groups.items():
                         per_worker.setdefault(self._shard(key), []).append((key, group))
+                    read_at = first[2]
                     for worker, item in per_worker.items():
-                        await self._worker_sends[worker].send((read_at, item))
+                        send = self._worker_sends[worker]
+                        try:
+                            send.send_nowait((read_at, item))
+                        except trio.WouldBlock:
+                            await send.send((read_at, item))
 
     async def _work(self, recv: trio.MemoryReceiveChannel[WorkItem]) -> None:
-        state = self.state
+        """Fold this worker's items into state; each turn folds every item already queued."""
         latency = self.metrics.ingest_batch_seconds
         async with recv:
-            async for read_at, item in recv:
-                for (source, symbol), ticks in item:
-                    late = state.key(source, symbol).fold(ticks)
-                    state.updates_total += len(ticks)
-                    if late:
-                        state.late += late
-                        if rate_limited("late-ticks", 10.0):
-                            log.warning(
-                                "ticks older than every held minute counted as late",
-                                extra={
-                                    "ctx": {
-                                        "source": source,
-                                        "symbol": symbol,
-                                        "late_total": state.late,
-                                    }
-                                },
-                            )
-                latency.observe(trio.current_time() - read_at)
+            async for first in recv:
+                self._fold(first)
+                latency.observe(trio.current_time() - first[0])
+                while True:
+                    try:
+                        item = recv.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    self._fold(item)
+                    latency.observe(trio.current_time() - item[0])
+
+    def _fold(self, work: WorkItem) -> None:
+        state = self.state
+        for (source, symbol), ticks in work[1]:
+            late = state.key(source, symbol).fold(ticks)
+            state.updates_total += len(ticks)
+            if late:
+                state.late += late
+                if rate_limited("late-ticks", 10.0):
+                    log.warning(
+                        "ticks older than every held minute counted as late",
+                        extra={
+                            "ctx": {"source": source, "symbol": symbol, "late_total": state.late}
+                        },
+                    )
 
     @property
     def queue_depth(self) -> int:
