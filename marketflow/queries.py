@@ -204,6 +204,44 @@ class QueryContext(Protocol):
     postgres_reader: AggregateStore
     query_limiter: trio.CapacityLimiter
     postgres_health: StoreHealth
+    range_cache: RangeCache
+
+
+class RangeCache:
+    """Single-flight, short-lived answers to identical PostgreSQL range reads.
+
+    The minutes these ranges cover are older than anything memory holds, so they change only
+    when a journal replay commits; without sharing, 64 clients asking for `?period=1d` queue 64
+    identical reads behind the one reader connection. Concurrent identical requests wait for one
+    read; its answer serves for `ttl_s`.
+    """
+
+    def __init__(self, ttl_s: float = 1.0, max_entries: int = 256) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._answers: dict[tuple[StoreRange, ...], tuple[float, list[RangeStats | None]]] = {}
+        self._inflight: dict[tuple[StoreRange, ...], trio.Event] = {}
+
+    async def get(self, ctx: QueryContext, ranges: Sequence[StoreRange]) -> list[RangeStats | None]:
+        key = tuple(ranges)
+        while True:
+            cached = self._answers.get(key)
+            if cached is not None and trio.current_time() - cached[0] < self.ttl_s:
+                return cached[1]
+            pending = self._inflight.get(key)
+            if pending is None:
+                break
+            await pending.wait()  # then read the answer it left, or try ourselves if it failed
+        done = self._inflight[key] = trio.Event()
+        try:
+            answer = await _read_store_ranges(ctx, ranges)
+            if len(self._answers) >= self.max_entries:
+                self._answers.clear()
+            self._answers[key] = (trio.current_time(), answer)
+            return answer
+        finally:
+            del self._inflight[key]
+            done.set()
 
 
 @attrs.frozen
@@ -251,7 +289,21 @@ def _read_ranges(store: AggregateStore, ranges: Sequence[StoreRange]) -> list[Ra
 async def read_store_ranges(
     ctx: QueryContext, ranges: Sequence[StoreRange]
 ) -> list[RangeStats | None]:
-    """All of a request's PostgreSQL ranges in one thread hop; 503 when it cannot answer."""
+    """All of a request's PostgreSQL ranges in one thread hop (shared with identical concurrent
+    requests); 503 when it cannot answer."""
+    health = ctx.postgres_health
+    if health.checked and not health.up:
+        raise QueryError(
+            503,
+            "PostgreSQL is unavailable and memory does not hold this whole range; "
+            "try a period within the last window_seconds",
+        )
+    return await ctx.range_cache.get(ctx, ranges)
+
+
+async def _read_store_ranges(
+    ctx: QueryContext, ranges: Sequence[StoreRange]
+) -> list[RangeStats | None]:
     health = ctx.postgres_health
     if health.checked and not health.up:
         raise QueryError(

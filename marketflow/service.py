@@ -23,6 +23,7 @@ from marketflow.metrics import Metrics
 from marketflow.models import COUNT, Bucket, Key, MinuteRow, Mode, SourceStatus
 from marketflow.pipeline import Pipeline
 from marketflow.ports import AggregateStore, Journal, PriceStore
+from marketflow.queries import RangeCache
 from marketflow.state import MarketState
 
 log = logging.getLogger("marketflow.service")
@@ -69,6 +70,7 @@ class Service:
             config.postgres
         )
         self.query_limiter = trio.CapacityLimiter(1)
+        self.range_cache = RangeCache()
         self.journal: Journal = journal or FileJournal(Path(app.data_dir) / "journal.ndjson")
         self.redis_health = StoreHealth("redis")
         self.postgres_health = StoreHealth("postgres")

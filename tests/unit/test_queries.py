@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from marketflow.config import Config, build_config
 from marketflow.flusher import StoreHealth
@@ -16,10 +17,13 @@ from marketflow.queries import (
     Catalog,
     Period,
     QueryError,
+    RangeCache,
     Stat,
+    StoreRange,
     latest_across,
     latest_for_source,
     plan_range,
+    read_store_ranges,
     rfc3339,
     statistic,
 )
@@ -47,6 +51,7 @@ class Ctx:
         self.postgres_reader: AggregateStore = store or MemoryAggregateStore()
         self.query_limiter = trio.CapacityLimiter(1)
         self.postgres_health = StoreHealth("postgres")
+        self.range_cache = RangeCache(ttl_s=0.0)  # every question reaches the store here
 
 
 def fold(state: MarketState, source: str, ticks: list[tuple[float, int]]) -> None:
@@ -522,3 +527,37 @@ async def test_minutes_include_the_current_partial_minute_and_not_the_future() -
     fold(state, A, [(2.0, (MINUTE + 1) * 60_000 + 1)])  # a future minute (clock skew)
     answer = await ask(Ctx(state), "average", Period("1h", 3600))
     assert answer["count"] == 1
+
+
+class CountingStore(MemoryAggregateStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def range_stats(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return super().range_stats(*args, **kwargs)
+
+
+async def test_identical_concurrent_range_reads_share_one_store_call(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = CountingStore()
+    store.upsert([MinuteRow("ex", SYM, 0, 2, 3.0, 1.0, 2.0, 1.0, 2.0)])
+    ctx = Ctx(MarketState(window_seconds=300), store)
+    ctx.range_cache = RangeCache(ttl_s=1.0)
+    ranges = [StoreRange("ex", SYM, None, 60_000)]
+    answers: list[Any] = []
+
+    async def ask_store() -> None:
+        answers.append(await read_store_ranges(ctx, ranges))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(ask_store)
+    assert store.calls == 1
+    assert len(answers) == 20 and all(a == answers[0] for a in answers)
+    assert answers[0][0].count == 2
+    await trio.sleep(1.5)  # past the time to live: asked again
+    await read_store_ranges(ctx, ranges)
+    assert store.calls == 2
