@@ -11,6 +11,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from marketflow.api.app import create_app
+from marketflow.api.fast import FastRoutes
 from marketflow.config import Config
 from marketflow.hypercorn_guard import guard_hypercorn_connections
 from marketflow.service import Service
@@ -56,7 +57,7 @@ async def serve(
         await nursery.start(service.run)
         binds: list[str] = await nursery.start(
             lambda task_status: hypercorn_serve(
-                app,
+                FastRoutes(app, config),
                 hypercorn_config(config),
                 shutdown_trigger=service.stopping.wait,
                 task_status=task_status,

@@ -9,18 +9,17 @@ drains it exactly as the `marketflow` command does.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from marketflow.api.app import create_app as _create_api
-from marketflow.config import load_config
+from marketflow.api.fast import FastRoutes
+from marketflow.config import config_path, load_config
 from marketflow.hypercorn_guard import guard_hypercorn_connections
 from marketflow.logs import configure_logging
 
 
 def create_app() -> Any:
-    path = os.environ.get("MARKETFLOW_CONFIG")
-    config = load_config(Path(path) if path else None)
+    config = load_config(config_path(None, os.environ))
     configure_logging(config.log.level, config.log.format, secrets=config.secrets)
     guard_hypercorn_connections()
-    return _create_api(config, service=None)
+    return FastRoutes(_create_api(config, service=None), config)
