@@ -20,7 +20,8 @@ def now_ms() -> float:
 
 
 class HttpClient:
-    """A minimal HTTP/1.1 keep-alive client for GETs against one server (no chunked bodies).
+    """A minimal HTTP/1.1 keep-alive client for GETs against one server (`Content-Length` or
+    chunked bodies).
 
     Hypercorn closes a keep-alive connection after `keep_alive_max_requests` (1,000) requests;
     like wrk and browsers, the client then opens a new one and repeats the request.
@@ -57,21 +58,35 @@ class HttpClient:
     async def _get(self, path: str) -> tuple[int, bytes]:
         request = f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode()
         await self.stream.send_all(request)
-        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
-            await self._fill()
-        head = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
-        del self.buffer[: end + 4]
+        head = (await self._until(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         status = int(head[0].split()[1])
-        length = 0
+        headers = {}
         for line in head[1:]:
             name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-        while len(self.buffer) < length:
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = bytearray()
+            while size := int((await self._until(b"\r\n")).split(b";")[0], 16):
+                body += await self._exactly(size)
+                await self._until(b"\r\n")
+            await self._until(b"\r\n")  # the end of the (empty) trailer
+            return status, bytes(body)
+        return status, await self._exactly(int(headers.get("content-length", "0")))
+
+    async def _until(self, marker: bytes) -> bytes:
+        """The buffered bytes up to `marker` (consumed with it)."""
+        while (end := self.buffer.find(marker)) < 0:
             await self._fill()
-        body = bytes(self.buffer[:length])
-        del self.buffer[:length]
-        return status, body
+        data = bytes(self.buffer[:end])
+        del self.buffer[: end + len(marker)]
+        return data
+
+    async def _exactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            await self._fill()
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
 
     async def aclose(self) -> None:
         await self.stream.aclose()
