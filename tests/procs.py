@@ -283,6 +283,7 @@ class TcpProxy:
         self._closed = False
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.accepted = 0  # connections let through
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -302,6 +303,7 @@ class TcpProxy:
             upstream.settimeout(None)  # the 5 s was for connecting; idle connections stay
             with self._lock:
                 self._conns += [client, upstream]
+                self.accepted += 1
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -588,38 +590,3 @@ class RssSampler:
         self._stop.set()
         self._thread.join(timeout=5)
         return self.peak_mb
-
-
-class HoldingProxy(TcpProxy):
-    """A TcpProxy that keeps idle connections open until `cut()`.
-
-    TcpProxy's upstream sockets inherit `create_connection`'s 5 s timeout, so a connection idle for
-    5 s is dropped by the proxy itself; fault tests need a proxy that fails only when told to.
-    Counts the connections it let through (`accepted`).
-    """
-
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
-        self.accepted = 0
-        super().__init__(target_port, target_host)
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self._open.is_set():
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)  # the 5 s was for connecting; idle connections stay
-            upstream.settimeout(None)
-            with self._lock:
-                self._conns += [client, upstream]
-                self.accepted += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()

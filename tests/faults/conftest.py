@@ -23,9 +23,9 @@ import redis
 
 from tests.procs import (
     CountingFeed,
-    HoldingProxy,
     Marketflow,
     RedisServer,
+    TcpProxy,
     peak_rss_mb,
     postgres_database,
     wait_for,
@@ -84,7 +84,7 @@ class Rig:
         self.tmp = tmp
         self.dbname = dbname
         self.redis = RedisServer()
-        self.proxy = HoldingProxy(5432)
+        self.proxy = TcpProxy(5432)
         self.processes: list[Marketflow] = []
         self.feeds: list[Any] = []
 
