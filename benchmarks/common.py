@@ -346,21 +346,32 @@ def py_spy_record(pid: int, out: Path, seconds: float, rate: int = 200) -> subpr
     )
 
 
-# Where a sample of marketflow's main thread belongs, first match wins (py-spy frame texts).
+# Who does the work in a sample of marketflow's main thread: the innermost frame that matches
+# one of these (py-spy frame texts); a sample with no match is Trio's scheduler and the rest.
 CATEGORIES = [
-    ("ingest", r"read_feed|_distribute|Pipeline\._work|framing\.py|generator\.py"),
+    ("idle (waiting in epoll)", r"_io_epoll\.py"),
+    ("ingest", r"read_feed|_distribute|Pipeline\._work|framing\.py|generator\.py|state\.py.*fold"),
     ("WebSocket hub", r"PriceHub|broadcast\.py|api/ws\.py"),
     ("stores (flusher, aggregator, probes)", r"flusher\.py|aggregation\.py|probe_stores"),
-    ("marketflow request handling", r"marketflow/(api|queries|state)"),
-    ("Quart, Werkzeug, Blinker", r"[(/](quart|quart_trio|werkzeug|blinker)/"),
-    ("Hypercorn, h11, wsproto", r"[(/](hypercorn|h11|wsproto)/"),
-    ("idle (waiting in epoll)", r"_io_epoll\.py"),
+    ("marketflow request handling", r"\(marketflow/(api/|queries|state|models|logs)"),
+    ("Quart, Werkzeug, Blinker", r"\((quart|quart_trio|werkzeug|blinker)/"),
+    ("Hypercorn, h11, wsproto", r"\((hypercorn|h11|wsproto)/"),
 ]
+_CATEGORY_RES = [(name, re.compile(pattern)) for name, pattern in CATEGORIES]
+
+
+def category_of(frames: list[str]) -> str:
+    """The category of the innermost frame that has one (frames run outermost first)."""
+    for frame in reversed(frames):
+        for name, pattern in _CATEGORY_RES:
+            if pattern.search(frame):
+                return name
+    return "trio core and the rest"
 
 
 def profile_breakdown(collapsed: Path, top: int = 12) -> dict[str, Any]:
-    """Shares of the main thread's samples per category and its hottest frames (self time),
-    from py-spy's collapsed stacks (`--threads --idle`)."""
+    """Shares of the main thread's samples per category (`category_of`) and its hottest frames
+    (self time), from py-spy's collapsed stacks (`--threads --idle`)."""
     categories: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     total = 0
@@ -371,18 +382,8 @@ def profile_breakdown(collapsed: Path, top: int = 12) -> dict[str, Any]:
             continue
         n = int(count)
         total += n
-        leaf = re.sub(r" \(.*?/site-packages/", " (", frames[-1])
-        own[leaf] += n
-        category = "trio core and the rest"
-        for name, pattern in CATEGORIES:
-            if name.startswith("idle"):
-                if re.search(pattern, frames[-1]):
-                    category = name
-                    break
-            elif any(re.search(pattern, f) for f in frames):
-                category = name
-                break
-        categories[category] += n
+        own[re.sub(r" \(.*?/site-packages/", " (", frames[-1])] += n
+        categories[category_of(frames[1:])] += n
     if not total:
         return {"samples": 0, "categories": [], "self": []}
     return {

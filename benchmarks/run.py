@@ -34,7 +34,7 @@ from tests.procs import REPO
 
 DOC = REPO / "docs" / "performance.md"
 RESULTS = REPO / "docs" / "performance.json"
-PROFILES = REPO / "benchmarks" / "results" / "profiles"
+PROFILES = Path("benchmarks") / "results" / "profiles"  # relative to REPO, the cwd of each run
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 Record = dict[str, Any]
@@ -401,7 +401,7 @@ PROFILE_COLUMNS = [
     "Hypercorn, h11, wsproto",
     "trio core and the rest",
     "idle (waiting in epoll)",
-]
+]  # the categories of benchmarks.common.CATEGORIES, plus the fall-through
 
 
 def render_profiles(results: dict[str, Any]) -> str:
@@ -417,8 +417,9 @@ def render_profiles(results: dict[str, Any]) -> str:
         return ""
     lines = [
         "Where marketflow's main thread spends its time under load (py-spy `--threads --idle`, "
-        "share of the main thread's samples; each sample counted in the first matching "
-        "category, in the column order):",
+        "share of the main thread's samples; each sample goes to the innermost frame that "
+        "belongs to a column, i.e. the code doing the work; Trio's own frames and the standard "
+        "library's fall through to *trio core and the rest*):",
         "",
         "| load | samples | " + " | ".join(PROFILE_COLUMNS) + " | hottest frames (self) |",
         "|---" * (len(PROFILE_COLUMNS) + 3) + "|",
