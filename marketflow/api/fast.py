@@ -10,6 +10,7 @@ paths, a service that is not ready — passes through to Quart unchanged.
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from marketflow.queries import STATS, Catalog, QueryError
 Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+log = logging.getLogger("marketflow.api")
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
 _JSON = (b"content-type", b"application/json")
 _ROUTES = ("latest", *STATS)
@@ -41,7 +43,7 @@ class FastRoutes:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """The ASGI entry point (typed loosely: Hypercorn's scope types are TypedDicts)."""
-        if scope["type"] == "http" and scope["method"] == "GET":
+        if scope["type"] == "http" and scope["method"] == "GET" and not _has_body(scope):
             parts = scope["path"].split("/")
             # ["", "prices", route, a] or ["", "prices", route, a, b]
             if len(parts) in (4, 5) and parts[1] == "prices" and parts[2] in _ROUTES:
@@ -61,14 +63,22 @@ class FastRoutes:
             status = 200
         except QueryError as exc:
             body, status = {"error": exc.message}, exc.status
+        except Exception:  # a bug: JSON 500 and a traceback, as the Quart app would give
+            log.exception("unhandled error", extra={"ctx": {"path": scope["path"]}})
+            body, status = {"error": "internal error"}, 500
+        payload = orjson.dumps(body)
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [_JSON, (b"x-request-id", request_id.encode())],
+                "headers": [
+                    _JSON,
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"x-request-id", request_id.encode()),
+                ],
             }
         )
-        await send({"type": "http.response.body", "body": orjson.dumps(body)})
+        await send({"type": "http.response.body", "body": payload})
 
     async def _body(
         self, service: Any, scope: Scope, route: str, names: list[str]
@@ -98,6 +108,14 @@ class FastRoutes:
             now=service.clock(),
             window_seconds=self.window_seconds,
         )
+
+
+def _has_body(scope: Scope) -> bool:
+    """A GET that carries a body goes to Quart, whose size and time limits apply to it."""
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
 
 
 def _request_id(scope: Scope) -> str:

@@ -27,7 +27,9 @@ GOOD = [
 PATHS = GOOD + [path for method, path, _ in BAD_REQUESTS if method == "GET"]
 
 
-async def fast_call(fast: FastRoutes, target: str) -> tuple[int, Any, dict[bytes, bytes], bool]:
+async def fast_call(
+    fast: FastRoutes, target: str, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[int, Any, dict[bytes, bytes], bool]:
     path, _, query = target.partition("?")
     sent: list[dict[str, Any]] = []
     passed_through = False
@@ -48,7 +50,7 @@ async def fast_call(fast: FastRoutes, target: str) -> tuple[int, Any, dict[bytes
         "raw_path": path.encode(),
         "query_string": query.encode(),
         "root_path": "",
-        "headers": [(b"host", b"localhost"), (b"x-request-id", b"req-1")],
+        "headers": [(b"host", b"localhost"), (b"x-request-id", b"req-1"), *(extra_headers or [])],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
         "extensions": {},
@@ -101,3 +103,32 @@ async def test_not_ready_falls_through_to_quart() -> None:
     async with app.test_app():
         status, body, _, passed_through = await fast_call(fast, "/prices/latest/BTCUSDT")
     assert passed_through and status == 503 and body["error"]
+
+
+async def test_a_get_with_a_body_goes_to_quart_and_its_limits() -> None:
+    config = build_config({})
+    service = make_service(config)
+    app = create_app(config, service=service)
+    fast = FastRoutes(app, config)
+    async with app.test_app():
+        status, body, _, passed_through = await fast_call(
+            fast, "/prices/latest/BTCUSDT", [(b"content-length", b"100000")]
+        )
+    assert passed_through and status == 413 and body["error"]
+
+
+async def test_a_bug_is_a_json_500(monkeypatch: pytest.MonkeyPatch) -> None:
+    from marketflow import queries
+
+    def broken(*args: Any) -> Any:
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(queries, "latest_across", broken)
+    config = build_config({})
+    service = make_service(config)
+    app = create_app(config, service=service)
+    fast = FastRoutes(app, config)
+    async with app.test_app():
+        status, body, headers, _ = await fast_call(fast, "/prices/latest/BTCUSDT")
+    assert status == 500 and body == {"error": "internal error"}
+    assert headers[b"content-length"] == str(len(orjson.dumps(body))).encode()
