@@ -24,7 +24,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,11 @@ from typing import Any
 import httpx
 
 from benchmarks.common import (
-    Blaster,
     CpuMeter,
     blasters_done,
     emit,
     folded,
-    live_marketflow,
+    ingesting,
     profile_breakdown,
     progress,
     py_spy,
@@ -141,61 +139,48 @@ def ceiling(connections: list[int], seconds: float, workers: int, label: str) ->
 def run_marketflow(connections: list[int], seconds: float, profile: Path | None) -> dict[str, Any]:
     runs = len(ENDPOINTS) * (len(connections) + (1 if profile else 0))
     budget = runs * (seconds + 5) + 60  # the blasters are told when to finish
-    blasters = [Blaster(budget, RATE / FEEDS, seed=i) for i in range(FEEDS)]
-    try:
-        with (
-            tempfile.TemporaryDirectory() as tmp,
-            live_marketflow(Path(tmp), blasters) as (
-                mf,
-                _,
-                _,
-            ),
-        ):
-            wait_for(lambda: folded(mf) > 0, 30, "first ticks folded")
-            time.sleep(2)  # a couple of seconds of buckets for the statistics
-            for path in ENDPOINTS.values():
-                answer = mf.get(path)
-                if answer.status_code != 200:
-                    raise RuntimeError(f"GET {path}: {answer.status_code} {answer.text}")
-            for c in connections:
-                for name, path in ENDPOINTS.items():
-                    progress(f"api: marketflow {name}, {c} connections")
-                    cpu = CpuMeter(mf.proc.pid)
-                    result = wrk(mf.url + path, c, seconds)
-                    emit(
-                        "api",
-                        f"marketflow {name}, {c} conn",
-                        server="marketflow",
-                        endpoint=name,
-                        path=path,
-                        connections=c,
-                        cpu_percent=round(cpu.read()),
-                        **result,
-                    )
-            if profile is not None:
-                profile.mkdir(parents=True, exist_ok=True)
-                c = max(connections)
-                for name, path in ENDPOINTS.items():
-                    out = profile / f"api-{name.replace(' ', '-')}-{c}conn.txt"
-                    progress(f"api: py-spy on marketflow {name}, {c} connections -> {out}")
-                    spy = py_spy_record(mf.proc.pid, out, seconds)
-                    result = wrk(mf.url + path, c, seconds)
-                    spy.wait(timeout=seconds + 30)
-                    emit(
-                        "api-profile",
-                        f"marketflow {name}, {c} conn, under py-spy",
-                        endpoint=name,
-                        connections=c,
-                        file=str(out),
-                        requests_per_s=result["requests_per_s"],
-                        **profile_breakdown(out),
-                    )
-            sent = blasters_done(blasters, 60, finish=True)
-            wait_for(lambda: folded(mf) >= sent, 60, "every tick folded", interval=0.05)
-            return {"sent": sent, "folded": folded(mf), "lost": sent - folded(mf)}
-    finally:
-        for b in blasters:
-            b.close()
+    with ingesting(RATE, budget, FEEDS) as (mf, blasters):
+        time.sleep(2)  # a couple of seconds of buckets for the statistics
+        for path in ENDPOINTS.values():
+            answer = mf.get(path)
+            if answer.status_code != 200:
+                raise RuntimeError(f"GET {path}: {answer.status_code} {answer.text}")
+        for c in connections:
+            for name, path in ENDPOINTS.items():
+                progress(f"api: marketflow {name}, {c} connections")
+                cpu = CpuMeter(mf.proc.pid)
+                result = wrk(mf.url + path, c, seconds)
+                emit(
+                    "api",
+                    f"marketflow {name}, {c} conn",
+                    server="marketflow",
+                    endpoint=name,
+                    path=path,
+                    connections=c,
+                    cpu_percent=round(cpu.read()),
+                    **result,
+                )
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+            c = max(connections)
+            for name, path in ENDPOINTS.items():
+                out = profile / f"api-{name.replace(' ', '-')}-{c}conn.txt"
+                progress(f"api: py-spy on marketflow {name}, {c} connections -> {out}")
+                spy = py_spy_record(mf.proc.pid, out, seconds)
+                result = wrk(mf.url + path, c, seconds)
+                spy.wait(timeout=seconds + 30)
+                emit(
+                    "api-profile",
+                    f"marketflow {name}, {c} conn, under py-spy",
+                    endpoint=name,
+                    connections=c,
+                    file=str(out),
+                    requests_per_s=result["requests_per_s"],
+                    **profile_breakdown(out),
+                )
+        sent = blasters_done(blasters, 60, finish=True)
+        wait_for(lambda: folded(mf) >= sent, 60, "every tick folded", interval=0.05)
+        return {"sent": sent, "folded": folded(mf), "lost": sent - folded(mf)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,20 +19,17 @@ marketflow's CPU. Target: p99 <= 150 ms at every rate.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from benchmarks.common import (
-    Blaster,
     CpuMeter,
     blasters_done,
     emit,
     folded,
-    live_marketflow,
+    ingesting,
     percentile,
     progress,
     rounded,
@@ -82,30 +79,16 @@ async def probe(port: int, seconds: float, poll_s: float) -> tuple[list[float], 
 
 
 def run_rate(rate: int, seconds: float, poll_s: float) -> dict[str, Any]:
-    per_feed = rate / FEEDS
     # Each blaster sends from the moment marketflow connects until it is told to finish.
-    blasters = [Blaster(seconds + WARMUP_S + 60, per_feed, seed=i) for i in range(FEEDS)]
-    try:
-        with (
-            tempfile.TemporaryDirectory() as tmp,
-            live_marketflow(Path(tmp), blasters) as (
-                mf,
-                _,
-                _,
-            ),
-        ):
-            wait_for(lambda: folded(mf) > 0, 30, "first ticks folded")
-            cpu = CpuMeter(mf.proc.pid)
-            started = time.monotonic()
-            rest, ws, requests = trio.run(probe, mf.port, seconds, poll_s)
-            elapsed = time.monotonic() - started
-            cpu_percent = cpu.read()
-            sent = blasters_done(blasters, 60, finish=True)
-            wait_for(lambda: folded(mf) >= sent, 60, "every tick folded", interval=0.02)
-            done = folded(mf)
-    finally:
-        for b in blasters:
-            b.close()
+    with ingesting(rate, seconds + WARMUP_S + 60, FEEDS) as (mf, blasters):
+        cpu = CpuMeter(mf.proc.pid)
+        started = time.monotonic()
+        rest, ws, requests = trio.run(probe, mf.port, seconds, poll_s)
+        elapsed = time.monotonic() - started
+        cpu_percent = cpu.read()
+        sent = blasters_done(blasters, 60, finish=True)
+        wait_for(lambda: folded(mf) >= sent, 60, "every tick folded", interval=0.02)
+        done = folded(mf)
     return {
         "rate": rate,
         "seconds": seconds,

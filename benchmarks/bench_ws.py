@@ -17,18 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    Blaster,
     CpuMeter,
     blasters_done,
     emit,
     folded,
-    live_marketflow,
+    ingesting,
     profile_breakdown,
     progress,
     py_spy,
@@ -54,68 +52,55 @@ def json_line(proc: Process, key: str) -> dict[str, Any] | None:
 def run(clients: int, seconds: float, profile: Path | None = None) -> dict[str, Any]:
     connect_budget = 30 + clients / 20
     budget = 60 + connect_budget + WARMUP_S + seconds  # the blasters are told when to finish
-    blasters = [Blaster(budget, RATE / FEEDS, seed=i) for i in range(FEEDS)]
-    try:
-        with (
-            tempfile.TemporaryDirectory() as tmp,
-            live_marketflow(Path(tmp), blasters) as (
-                mf,
-                _,
-                _,
-            ),
-        ):
-            wait_for(lambda: folded(mf) > 0, 30, "first ticks folded")
-            followers = Process(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.ws_clients",
-                    "--url",
-                    f"ws://127.0.0.1:{mf.port}/ws/prices",
-                    "--clients",
-                    str(clients),
-                    "--seconds",
-                    str(seconds),
-                    "--warmup",
-                    str(WARMUP_S),
-                ],
-                cwd=REPO,
+    with ingesting(RATE, budget, FEEDS) as (mf, blasters):
+        followers = Process(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.ws_clients",
+                "--url",
+                f"ws://127.0.0.1:{mf.port}/ws/prices",
+                "--clients",
+                str(clients),
+                "--seconds",
+                str(seconds),
+                "--warmup",
+                str(WARMUP_S),
+            ],
+            cwd=REPO,
+        )
+        try:
+            connected = wait_for(
+                lambda: json_line(followers, "connected"), connect_budget, "clients connected"
             )
-            try:
-                connected = wait_for(
-                    lambda: json_line(followers, "connected"), connect_budget, "clients connected"
+            time.sleep(WARMUP_S)
+            cpu = CpuMeter(mf.proc.pid)
+            rss_before = rss_mb(mf.proc.pid)
+            spy = None
+            if profile is not None:
+                profile.mkdir(parents=True, exist_ok=True)
+                out = profile / f"ws-{clients}-clients.txt"
+                spy = py_spy_record(mf.proc.pid, out, max(1, seconds // 2), rate=100)
+            time.sleep(seconds)
+            if spy is not None:
+                spy.wait(timeout=30)
+                emit(
+                    "ws-profile",
+                    f"marketflow, {clients} WebSocket clients, under py-spy",
+                    clients=clients,
+                    file=str(out),
+                    **profile_breakdown(out),
                 )
-                time.sleep(WARMUP_S)
-                cpu = CpuMeter(mf.proc.pid)
-                rss_before = rss_mb(mf.proc.pid)
-                spy = None
-                if profile is not None:
-                    profile.mkdir(parents=True, exist_ok=True)
-                    out = profile / f"ws-{clients}-clients.txt"
-                    spy = py_spy_record(mf.proc.pid, out, max(1, seconds // 2), rate=100)
-                time.sleep(seconds)
-                if spy is not None:
-                    spy.wait(timeout=30)
-                    emit(
-                        "ws-profile",
-                        f"marketflow, {clients} WebSocket clients, under py-spy",
-                        clients=clients,
-                        file=str(out),
-                        **profile_breakdown(out),
-                    )
-                cpu_percent = cpu.read()
-                rss_after = rss_mb(mf.proc.pid)
-                summary = wait_for(
-                    lambda: json_line(followers, "summary"), seconds + 60, "client summary"
-                )["summary"]
-            finally:
-                followers.close()
-            sent = blasters_done(blasters, 60, finish=True)
-            wait_for(lambda: folded(mf) >= sent, 60, "every tick folded", interval=0.05)
-            done = folded(mf)
-    finally:
-        for b in blasters:
-            b.close()
+            cpu_percent = cpu.read()
+            rss_after = rss_mb(mf.proc.pid)
+            summary = wait_for(
+                lambda: json_line(followers, "summary"), seconds + 60, "client summary"
+            )["summary"]
+        finally:
+            followers.close()
+        sent = blasters_done(blasters, 60, finish=True)
+        wait_for(lambda: folded(mf) >= sent, 60, "every tick folded", interval=0.05)
+        done = folded(mf)
     return {
         **summary,
         "connected_at_start": connected["connected"],

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -272,6 +273,25 @@ def live_marketflow(
             yield mf, dbname, prefix
         finally:
             mf.close()
+
+
+@contextlib.contextmanager
+def ingesting(
+    rate: float, budget_s: float, feeds: int = 3
+) -> Iterator[tuple[Marketflow, list[Blaster]]]:
+    """A live marketflow reading `feeds` blasters that send `rate` updates/s in all for at most
+    `budget_s`; yields once the first ticks are folded, and stops everything afterwards."""
+    blasters = [Blaster(budget_s, rate / feeds, seed=i) for i in range(feeds)]
+    try:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            live_marketflow(Path(tmp), blasters) as (mf, _, _),
+        ):
+            wait_for(lambda: folded(mf) > 0, 30, "first ticks folded")
+            yield mf, blasters
+    finally:
+        for b in blasters:
+            b.close()
 
 
 def folded(mf: Marketflow) -> int:
