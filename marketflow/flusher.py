@@ -17,7 +17,7 @@ import trio
 from marketflow.backoff import Backoff
 from marketflow.logs import rate_limited
 from marketflow.metrics import Metrics
-from marketflow.ports import PriceStore
+from marketflow.ports import FlushPlan, PriceStore
 from marketflow.state import MarketState
 
 log = logging.getLogger("marketflow.redis")
@@ -30,7 +30,7 @@ class StoreHealth:
     name: str
     up: bool = False
     latency_ms: float | None = None
-    error: str | None = None
+    error: str | None = "not reached yet"  # until the first probe or call answers
     checked: bool = False
 
     def ok(self, latency_ms: float | None = None) -> None:
@@ -129,7 +129,7 @@ class RedisFlusher:
         return True
 
 
-def plan_commands(plan: Any) -> int:
+def plan_commands(plan: FlushPlan) -> int:
     """Redis commands a flush plan costs (for the metric that shows Redis stays flat)."""
     seconds = sum(len(v) for v in plan.buckets.values())
     return 2 * len(plan.latest) + 2 * seconds + 2 * len(plan.touched)

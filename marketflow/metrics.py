@@ -46,12 +46,6 @@ class Metrics:
         self.store_errors = Counter(
             "marketflow_store_errors", "Failed store calls.", ["store"], registry=r
         )
-        self.reconnects = Counter(
-            "marketflow_store_reconnects",
-            "Store connections re-established.",
-            ["store"],
-            registry=r,
-        )
 
     def watch(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         """Expose the pipeline's counters; `snapshot()` returns the /health pipeline+sources."""

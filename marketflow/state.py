@@ -210,9 +210,6 @@ class MarketState:
                     rows.append(row)
         return rows
 
-    def pending_minutes(self) -> int:
-        return sum(len(st.minutes_dirty) for st in self.keys.values())
-
     def prune(self, now_s: int) -> None:
         keep_from = now_s - self.window_seconds
         for st in self.keys.values():
