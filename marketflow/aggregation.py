@@ -1,4 +1,5 @@
-"""The minute aggregator (SPEC §6): closed minutes -> PostgreSQL, or the journal while it is down.
+"""The minute aggregator (contract: PostgreSQL): closed minutes -> PostgreSQL, or the journal while
+it is down.
 
 Rows carry whole-minute totals and are upserted by overwrite, so writing a minute again (a late
 tick, a replay, a restart) can never count a tick twice. While PostgreSQL is unreachable each

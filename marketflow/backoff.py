@@ -1,4 +1,5 @@
-"""Capped exponential backoff with jitter: 1 s, 2 s, 4 s ... up to a cap, forever (SPEC §2)."""
+"""Capped exponential backoff with jitter: 1 s, 2 s, 4 s ... up to a cap, forever (contract: feed
+protocol)."""
 
 from __future__ import annotations
 

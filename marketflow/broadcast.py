@@ -1,4 +1,4 @@
-"""Fan-out of latest prices to WebSocket clients (SPEC §8).
+"""Fan-out of latest prices to WebSocket clients (contract: WebSocket).
 
 One hub task (`PriceHub.run`) wakes every `interval_s`, compares each key's latest price with
 what it last published (keys are few) and hands each client the changed keys it subscribes to.

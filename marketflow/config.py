@@ -1,4 +1,4 @@
-"""Configuration: defaults < config.toml < environment < CLI flags (SPEC §10).
+"""Configuration: defaults < config.toml < environment < CLI flags (contract: configuration).
 
 Every value is validated here, at the edge, so the rest of the code can trust it. Errors are
 `ConfigError` with one line that names the offending key.
@@ -84,6 +84,7 @@ class AppConfig:
     flush_interval_ms: int = 100
     grace_ms: int = 2000
     max_clock_skew_s: int = 120
+    max_future_skew_ms: int = 5000
     max_line_bytes: int = 65536
     stale_after_s: float = 10.0
     reconnect_max_delay_s: float = 30.0
@@ -277,6 +278,7 @@ def validate(config: Config) -> None:
         "app.window_seconds": app.window_seconds,
         "app.flush_interval_ms": app.flush_interval_ms,
         "app.max_clock_skew_s": app.max_clock_skew_s,
+        "app.max_future_skew_ms": app.max_future_skew_ms,
         "app.max_line_bytes": app.max_line_bytes,
         "app.stale_after_s": app.stale_after_s,
         "app.reconnect_max_delay_s": app.reconnect_max_delay_s,

@@ -1,13 +1,14 @@
-"""Synthetic price updates: the test-mode generator and the simulator's price source (SPEC §2, §3).
+"""Synthetic price updates: the test-mode generator and the simulator's price source (contract: feed
+protocol, modes).
 
 `PriceWalk` and `encode_lines` are pure; `generate` is the only task here and does no I/O itself:
 it hands batches to a callback the pipeline gives it.
 
-The walk matches the reference captures (`shared/data/reference-feed/`): each step moves a price by
-a uniform relative amount, up to ±0.25 % for BTCUSDT and ±1 % for the others. A weak pull towards
-the start price (in log space, half-life of about 3,500 steps) keeps the walk near its start
-for days and prevents the slow drift towards zero of a plain multiplicative walk. A hard clamp keeps
-every price finite and > 0 whatever the state.
+The walk matches the reference captures (`tests/fixtures/reference-feed/`): each step moves a
+price by a uniform relative amount, up to ±0.25 % for BTCUSDT and ±1 % for the others. A weak
+pull towards the start price (in log space, half-life of about 3,500 steps) keeps the walk near
+its start for days and prevents the slow drift towards zero of a plain multiplicative walk. A
+hard clamp keeps every price finite and > 0 whatever the state.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ async def generate(
     clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Produce `rate` updates per second for `source` until cancelled (test mode, SPEC §3).
+    """Produce `rate` updates per second for `source` until cancelled (test mode, contract: modes).
 
     Every period (100 ms; 10 ms above 10,000 lines/s) it awaits `send_batch(source, ticks)`
     once with that period's ticks: symbols cycle in the fixed order, all ticks of a batch share

@@ -1,4 +1,5 @@
-"""Logging per SPEC §10: one line per event, logfmt or JSON, UTC timestamps, context, no secrets.
+"""Logging (contract: configuration): one line per event, logfmt or JSON, UTC timestamps, context,
+no secrets.
 
 A line carries `ts` (UTC, ms, `Z`), `level`, `logger`, `event` (the message), then the bound context
 (`request_id`, `source`, `conn_id`, ... set with `bind`), then the event's own fields (passed as

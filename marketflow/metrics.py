@@ -1,4 +1,5 @@
-"""Prometheus metrics (SPEC §9). Counters that change per tick are read at scrape time from the
+"""Prometheus metrics (contract: health). Counters that change per tick are read at scrape time from
+the
 pipeline's own counters, so the hot path never touches a metric object."""
 
 from __future__ import annotations

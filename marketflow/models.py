@@ -24,7 +24,7 @@ Bucket = list[float]
 
 
 class Reject(StrEnum):
-    """Why a feed line was refused (SPEC §2); the value is the metric label."""
+    """Why a feed line was refused (contract: feed protocol); the value is the metric label."""
 
     TOO_LONG = "too_long"
     MALFORMED = "malformed"
@@ -59,18 +59,30 @@ def merge_bucket(into: Bucket, other: Bucket) -> None:
 
 
 def encode_bucket(second: int, bucket: Bucket) -> str:
-    """The Redis window member of SPEC §5; repr() is the shortest round-tripping decimal."""
+    """The Redis window member: `second|count|sum|min|max|first|last|first_ms|last_ms`.
+
+    repr() is the shortest decimal that reads back to the same double.
+    """
     return (
         f"{second}|{int(bucket[COUNT])}|{bucket[SUM]!r}|{bucket[MIN]!r}|{bucket[MAX]!r}"
-        f"|{bucket[FIRST]!r}|{bucket[LAST]!r}"
+        f"|{bucket[FIRST]!r}|{bucket[LAST]!r}|{int(bucket[FIRST_TS])}|{int(bucket[LAST_TS])}"
     )
 
 
 def decode_bucket(member: str) -> tuple[int, Bucket]:
-    """Inverse of `encode_bucket`; first/last timestamps are not stored, so the second's start."""
-    second_s, count, total, low, high, first, last = member.split("|")
-    second = int(second_s)
-    ts = second * 1000
+    """Inverse of `encode_bucket`. The seven-field member written before the tick times were
+    kept reads with the second's start and end as its first and last tick times."""
+    fields = member.split("|")
+    if len(fields) == 9:
+        second_s, count, total, low, high, first, last, first_ms, last_ms = fields
+        first_ts, last_ts = int(first_ms), int(last_ms)
+        second = int(second_s)
+    elif len(fields) == 7:
+        second_s, count, total, low, high, first, last = fields
+        second = int(second_s)
+        first_ts, last_ts = second * 1000, second * 1000 + 999
+    else:
+        raise ValueError(f"not a window member: {member[:40]!r}")
     return second, [
         int(count),
         float(total),
@@ -78,8 +90,8 @@ def decode_bucket(member: str) -> tuple[int, Bucket]:
         float(high),
         float(first),
         float(last),
-        ts,
-        ts,
+        first_ts,
+        last_ts,
     ]
 
 
@@ -91,9 +103,17 @@ class LatestPrice:
     ts: int
 
 
+def _minute_end(row: MinuteRow) -> int:
+    return row.minute + 59_999
+
+
 @attrs.frozen
 class MinuteRow:
-    """One (source, symbol, minute) aggregate as stored; `minute` is the ms of its start."""
+    """One (source, symbol, minute) aggregate as stored; `minute` is the ms of its start.
+
+    `open_ms`/`close_ms` are the timestamps of the minute's first and last tick (a row written
+    before they were kept reads as the minute's start and end).
+    """
 
     exchange: str
     symbol: str
@@ -104,6 +124,10 @@ class MinuteRow:
     high: float
     open: float
     close: float
+    open_ms: int = attrs.field(
+        default=attrs.Factory(lambda row: row.minute, takes_self=True), kw_only=True
+    )
+    close_ms: int = attrs.field(default=attrs.Factory(_minute_end, takes_self=True), kw_only=True)
 
     @property
     def average(self) -> float:
@@ -112,11 +136,21 @@ class MinuteRow:
     @classmethod
     def from_bucket(cls, exchange: str, symbol: str, minute: int, b: Bucket) -> MinuteRow:
         return cls(
-            exchange, symbol, minute, int(b[COUNT]), b[SUM], b[MIN], b[MAX], b[FIRST], b[LAST]
+            exchange,
+            symbol,
+            minute,
+            int(b[COUNT]),
+            b[SUM],
+            b[MIN],
+            b[MAX],
+            b[FIRST],
+            b[LAST],
+            open_ms=int(b[FIRST_TS]),
+            close_ms=int(b[LAST_TS]),
         )
 
     def as_bucket(self) -> Bucket:
-        """A row resumed from storage, as a bucket that sorts before any later tick."""
+        """A row resumed from storage, as a bucket with its first and last tick times."""
         return [
             self.count,
             self.total,
@@ -124,8 +158,8 @@ class MinuteRow:
             self.high,
             self.open,
             self.close,
-            self.minute,
-            self.minute,
+            self.open_ms,
+            self.close_ms,
         ]
 
 

@@ -1,4 +1,5 @@
-"""The ingest pipeline of SPEC §4: sources -> fan-in channel -> distributor -> workers -> state.
+"""The ingest pipeline (contract: pipeline): sources -> fan-in channel -> distributor -> workers ->
+state.
 
 Channels carry batches. The distributor shards by key, so one key is always folded by one
 worker, in arrival order. Sources of the current mode run in their own cancel scope so a mode
@@ -230,6 +231,7 @@ class Pipeline:
                                     symbols=app.symbols,
                                     max_line_bytes=app.max_line_bytes,
                                     max_skew_ms=app.max_clock_skew_s * 1000,
+                                    max_future_ms=app.max_future_skew_ms,
                                     stale_after_s=app.stale_after_s,
                                     reconnect_max_delay_s=app.reconnect_max_delay_s,
                                     clock=self.clock,

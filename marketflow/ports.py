@@ -26,7 +26,7 @@ class FlushPlan:
 
 
 class PriceStore(Protocol):
-    """Latest prices and per-second windows (Redis, SPEC §5)."""
+    """Latest prices and per-second windows (Redis, contract: Redis)."""
 
     def write(self, plan: FlushPlan) -> None: ...
 
@@ -44,7 +44,7 @@ class PriceStore(Protocol):
 
 
 class AggregateStore(Protocol):
-    """Per-minute aggregates (PostgreSQL, SPEC §6)."""
+    """Per-minute aggregates (PostgreSQL, contract: PostgreSQL)."""
 
     def migrate(self) -> None:
         """Create the database if missing and apply pending migrations under an advisory lock."""
@@ -72,7 +72,7 @@ class AggregateStore(Protocol):
 
 
 class Journal(Protocol):
-    """Durable queue of row batches not yet committed to PostgreSQL (SPEC §6)."""
+    """Durable queue of row batches not yet committed to PostgreSQL (contract: PostgreSQL)."""
 
     def append(self, rows: Sequence[MinuteRow]) -> None:
         """Append one batch and fsync before returning."""

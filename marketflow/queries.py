@@ -1,4 +1,5 @@
-"""The read side of the API (SPEC §7): name and period checks, latest prices and statistics.
+"""The read side of the API (contract: HTTP API): name and period checks, latest prices and
+statistics.
 
 Pure where it can be: names, periods and ranges are plain functions of their input, and the
 answers are built from `MarketState` plus, for minutes memory no longer holds, one blocking call
@@ -359,7 +360,7 @@ async def statistic(
     now: float,
     window_seconds: int,
 ) -> dict[str, Any]:
-    """Answer one statistic over `sources` (already validated names) per SPEC §7."""
+    """Answer one statistic over `sources` (already validated names) per the contract's HTTP API."""
     keys = [(source, symbol) for source in sources]
     plan = plan_range(now, period, window_seconds)
     if plan.resolution == "1s":

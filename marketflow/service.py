@@ -103,8 +103,9 @@ class Service:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Restore, start every task, report ready, and run until `stop()`; then shut down.
 
-        Shutdown order (SPEC §10): stop sources, drain the channels through the workers, flush
-        Redis, write every open minute, close the stores, all within `shutdown_timeout_s`.
+        Shutdown order (contract: configuration): stop sources, drain the channels through the
+        workers, flush Redis, write every open minute, close the stores, all within
+        `shutdown_timeout_s`.
         """
         try:
             with trio.move_on_after(RESTORE_TIMEOUT_S):
@@ -159,7 +160,7 @@ class Service:
         if scope.cancelled_caught:
             log.error("shutdown deadline passed; some state was not flushed")
 
-    # --- restore (SPEC §6: each open minute from whichever record holds more ticks) ------------
+    # --- restore (each open minute from whichever record holds more ticks) ------------
 
     async def restore(self) -> None:
         await self.aggregator.start()

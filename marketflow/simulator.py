@@ -1,4 +1,5 @@
-"""`marketflow simulate`: stand-alone exchange feeds like the reference simulators (SPEC §2, §3).
+"""`marketflow simulate`: stand-alone exchange feeds like the reference simulators (contract: feed
+protocol, modes).
 
 Every accepted connection gets its own price walk and its own ticker: one line per symbol every
 100 ms, symbols in the configured order, one timestamp per round, starting at once. The reference
@@ -179,7 +180,7 @@ def _ports_text(ports: Sequence[int]) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (SPEC §10: exit 2, one clear line on stderr)."""
+    """argparse with one-line errors (exit 2, one clear line on stderr)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")

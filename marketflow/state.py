@@ -1,4 +1,4 @@
-"""In-process market state: per key the latest price and per-second buckets (SPEC §4).
+"""In-process market state: per key the latest price and per-second buckets (contract: pipeline).
 
 Workers fold ticks in; the Redis flusher takes the changed seconds, the aggregator takes the
 changed minutes, and the API reads. All of it runs on the Trio thread, so no locks: a store

@@ -1,4 +1,5 @@
-"""The Quart-Trio application (SPEC §7-9): JSON everywhere, X-Request-ID on every answer."""
+"""The Quart-Trio application (contract: HTTP API, health): JSON everywhere, X-Request-ID on every
+answer."""
 
 from __future__ import annotations
 

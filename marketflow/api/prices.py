@@ -1,4 +1,4 @@
-"""Price and statistics routes (SPEC §7). Handlers only parse and delegate to `queries`.
+"""Price and statistics routes (contract: HTTP API). Handlers only parse and delegate to `queries`.
 
 Every name is checked against the config before the service is touched, so malformed or
 unknown input gets its 400/404 even while the service is starting.

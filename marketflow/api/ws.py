@@ -1,4 +1,5 @@
-"""`WS /ws/prices` (SPEC §8): a snapshot, then coalesced `prices` frames from the `PriceHub`.
+"""`WS /ws/prices` (contract: WebSocket): a snapshot, then coalesced `prices` frames from the
+`PriceHub`.
 
 Protocol choices (documented in docs/api.md):
 - A bad query string (`symbols`, `exchanges`) is answered after the handshake: one

@@ -1,4 +1,4 @@
-"""Sans-IO framing and validation of feed lines (SPEC §2).
+"""Sans-IO framing and validation of feed lines (contract: feed protocol).
 
 `FeedParser.feed(chunk)` takes whatever bytes the socket gave and returns the valid ticks of every
 line completed by them, counting each rejected line under its reason. It never raises on input.
@@ -44,11 +44,13 @@ class FeedParser:
         *,
         max_line_bytes: int = 65536,
         max_skew_ms: int = 120_000,
+        max_future_ms: int = 5_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._symbols = frozenset(symbols)
         self._max_line = max_line_bytes
-        self._max_skew_ms = max_skew_ms
+        self._max_skew_ms = max_skew_ms  # how far behind the wall clock a tick may be
+        self._max_future_ms = max_future_ms  # and how far ahead (a future tick would win "newest")
         self._clock = clock
         self._pending = b""
         self._discarding = False  # inside an overlong line, dropping bytes until its newline
@@ -117,7 +119,7 @@ class FeedParser:
         ):
             return self._parse_slowly(chunk)
         now_ms = int(self._clock() * 1000)
-        lo, hi = now_ms - self._max_skew_ms, now_ms + self._max_skew_ms
+        lo, hi = now_ms - self._max_skew_ms, now_ms + self._max_future_ms
         symbols = self._symbols
         out: list[Tick] = []
         append = out.append
@@ -155,7 +157,7 @@ class FeedParser:
 
     def _parse_slowly(self, chunk: bytes) -> list[Tick]:
         now_ms = int(self._clock() * 1000)
-        lo, hi = now_ms - self._max_skew_ms, now_ms + self._max_skew_ms
+        lo, hi = now_ms - self._max_skew_ms, now_ms + self._max_future_ms
         out: list[Tick] = []
         for raw in chunk.split(b"\n"):
             if not raw.strip():
@@ -174,8 +176,8 @@ class FeedParser:
     def _classify_loose(self, raw: bytes, lo: int, hi: int) -> Tick | None:
         """A line msgspec refused: NaN/Infinity literals and huge numbers are prices, not junk."""
         try:
-            # Decode first: json.loads(bytes) would guess UTF-16/32 and accept what SPEC §2
-            # calls malformed (not UTF-8); UnicodeDecodeError is a ValueError.
+            # Decode first: json.loads(bytes) would guess UTF-16/32 and accept what the
+            # feed protocol calls malformed (not UTF-8); UnicodeDecodeError is a ValueError.
             obj = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError):
             self._reject(Reject.MALFORMED, raw)

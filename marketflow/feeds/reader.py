@@ -1,4 +1,5 @@
-"""One task per live exchange: connect, read, parse, send batches; reconnect forever (SPEC §2)."""
+"""One task per live exchange: connect, read, parse, send batches; reconnect forever (contract: feed
+protocol)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ async def read_feed(
     symbols: Collection[str],
     max_line_bytes: int,
     max_skew_ms: int,
+    max_future_ms: int,
     stale_after_s: float,
     reconnect_max_delay_s: float,
     clock: Callable[[], float] = time.time,
@@ -70,7 +72,11 @@ async def read_feed(
                     continue
                 conn_id = next(_conn_ids)
                 parser = FeedParser(
-                    symbols, max_line_bytes=max_line_bytes, max_skew_ms=max_skew_ms, clock=clock
+                    symbols,
+                    max_line_bytes=max_line_bytes,
+                    max_skew_ms=max_skew_ms,
+                    max_future_ms=max_future_ms,
+                    clock=clock,
                 )
                 stats.status = SourceStatus.CONNECTED
                 with bind(conn_id=conn_id):

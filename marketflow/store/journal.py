@@ -1,4 +1,5 @@
-"""A durable, append-only journal of row batches not yet committed to PostgreSQL (SPEC §6)."""
+"""A durable, append-only journal of row batches not yet committed to PostgreSQL (contract:
+PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import attrs
 import orjson
 
 from marketflow.models import MinuteRow
@@ -16,7 +19,7 @@ from marketflow.models import MinuteRow
 log = logging.getLogger("marketflow.journal")
 
 JOURNAL_FILE = "aggregates.journal"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds each row's first and last tick time; 1 still reads
 
 
 def encode_batch(rows: Sequence[MinuteRow]) -> bytes:
@@ -25,7 +28,19 @@ def encode_batch(rows: Sequence[MinuteRow]) -> bytes:
         {
             "v": FORMAT_VERSION,
             "rows": [
-                [r.exchange, r.symbol, r.minute, r.count, r.total, r.low, r.high, r.open, r.close]
+                [
+                    r.exchange,
+                    r.symbol,
+                    r.minute,
+                    r.count,
+                    r.total,
+                    r.low,
+                    r.high,
+                    r.open,
+                    r.close,
+                    r.open_ms,
+                    r.close_ms,
+                ]
                 for r in rows
             ],
         }
@@ -42,16 +57,23 @@ def decode_batch(line: bytes) -> list[MinuteRow] | None:
         if len(checksum) != 8 or int(checksum, 16) != zlib.crc32(payload):
             return None
         doc = orjson.loads(payload)
-        if doc["v"] != FORMAT_VERSION:
+        if doc["v"] not in (1, FORMAT_VERSION):
             return None
-        return [
-            MinuteRow(
-                str(e), str(s), int(m), int(c), float(t), float(lo), float(hi), float(o), float(cl)
-            )
-            for e, s, m, c, t, lo, hi, o, cl in doc["rows"]
-        ]
+        return [_row(fields) for fields in doc["rows"]]
     except (ValueError, TypeError, KeyError):
         return None
+
+
+def _row(fields: list[Any]) -> MinuteRow:
+    """One journaled row; version 1 rows have no tick times (read as the minute's bounds)."""
+    e, s, m, c, t, lo, hi, o, cl, *times = fields
+    row = MinuteRow(
+        str(e), str(s), int(m), int(c), float(t), float(lo), float(hi), float(o), float(cl)
+    )
+    if times:
+        open_ms, close_ms = times
+        row = attrs.evolve(row, open_ms=int(open_ms), close_ms=int(close_ms))
+    return row
 
 
 class FileJournal:

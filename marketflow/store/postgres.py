@@ -1,4 +1,5 @@
-"""PostgreSQL adapter for per-minute aggregates (SPEC §6). Schema and queries: docs/storage.md."""
+"""PostgreSQL adapter for per-minute aggregates (contract: PostgreSQL). Schema and queries:
+docs/storage.md."""
 
 from __future__ import annotations
 
@@ -36,26 +37,37 @@ UPSERT_CHUNK = 1000
 UPSERT_SQL = """
 INSERT INTO aggregates AS a
     (exchange, pair_name, "timestamp", tick_count, average_price, min_price, max_price,
-     open_price, close_price)
-SELECT e, s, timestamptz 'epoch' + m * interval '1 millisecond', c, av, lo, hi, op, cl
+     open_price, close_price, open_time, close_time)
+SELECT e, s, timestamptz 'epoch' + m * interval '1 millisecond', c, av, lo, hi, op, cl,
+       timestamptz 'epoch' + ot * interval '1 millisecond',
+       timestamptz 'epoch' + ct * interval '1 millisecond'
   FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::float8[], %s::float8[],
-              %s::float8[], %s::float8[], %s::float8[]) AS u (e, s, m, c, av, lo, hi, op, cl)
+              %s::float8[], %s::float8[], %s::float8[], %s::bigint[], %s::bigint[])
+       AS u (e, s, m, c, av, lo, hi, op, cl, ot, ct)
 ON CONFLICT (exchange, pair_name, "timestamp") DO UPDATE SET
     tick_count = EXCLUDED.tick_count,
     average_price = EXCLUDED.average_price,
     min_price = EXCLUDED.min_price,
     max_price = EXCLUDED.max_price,
     open_price = EXCLUDED.open_price,
-    close_price = EXCLUDED.close_price
+    close_price = EXCLUDED.close_price,
+    open_time = EXCLUDED.open_time,
+    close_time = EXCLUDED.close_time
 -- A replay of identical values writes nothing (no dead tuple, no rollup refresh).
-WHERE (a.tick_count, a.average_price, a.min_price, a.max_price, a.open_price, a.close_price)
+WHERE (a.tick_count, a.average_price, a.min_price, a.max_price, a.open_price, a.close_price,
+       a.open_time, a.close_time)
       IS DISTINCT FROM (EXCLUDED.tick_count, EXCLUDED.average_price, EXCLUDED.min_price,
-                        EXCLUDED.max_price, EXCLUDED.open_price, EXCLUDED.close_price)
+                        EXCLUDED.max_price, EXCLUDED.open_price, EXCLUDED.close_price,
+                        EXCLUDED.open_time, EXCLUDED.close_time)
 """
 
+# Rows written before migration 0003 have no tick times: read as the minute's start and end.
 ROWS_SQL = """
 SELECT exchange, pair_name, (extract(epoch FROM "timestamp") * 1000)::bigint, tick_count,
-       average_price * tick_count, min_price, max_price, open_price, close_price
+       average_price * tick_count, min_price, max_price, open_price, close_price,
+       (extract(epoch FROM coalesce(open_time, "timestamp")) * 1000)::bigint,
+       (extract(epoch FROM coalesce(close_time, "timestamp" + interval '59.999 seconds'))
+        * 1000)::bigint
   FROM aggregates
  WHERE exchange = %(exchange)s AND pair_name = %(symbol)s
    AND "timestamp" >= timestamptz 'epoch' + %(from_ms)s::bigint * interval '1 millisecond'
@@ -127,9 +139,10 @@ _MIGRATION_FILE = re.compile(r"(\d{4})_(\w+)\.sql")
 
 
 def load_migrations() -> list[Migration]:
-    """The `sql/NNNN_name.sql` files shipped inside the package, in version order."""
+    """The `sql/NNNN_name.sql` files (shipped inside the package as `marketflow.sql`), in
+    version order."""
     found = []
-    for entry in (resources.files("marketflow") / "sql").iterdir():
+    for entry in resources.files("marketflow.sql").iterdir():
         match = _MIGRATION_FILE.fullmatch(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_bytes()))
@@ -216,7 +229,7 @@ class PostgresAggregateStore:
         params = {"exchange": exchange, "symbol": symbol, "from_ms": max(from_ms, MIN_MS)}
         params["to_ms"] = min(to_ms, MAX_MS)
         found = self._call(lambda conn: conn.execute(ROWS_SQL, params).fetchall())
-        return [MinuteRow(*row) for row in found]
+        return [MinuteRow(*row[:9], open_ms=row[9], close_ms=row[10]) for row in found]
 
     def range_stats(
         self, exchange: str, symbol: str, from_ms: int | None, to_ms: int | None
@@ -392,4 +405,6 @@ def upsert_params(rows: Sequence[MinuteRow]) -> tuple[list[Any], ...]:
         [r.high for r in rows],
         [r.open for r in rows],
         [r.close for r in rows],
+        [r.open_ms for r in rows],
+        [r.close_ms for r in rows],
     )

@@ -1,4 +1,4 @@
-"""Redis adapter (SPEC §5): latest prices and per-second windows, one pipeline per flush.
+"""Redis adapter (contract: Redis): latest prices and per-second windows, one pipeline per flush.
 
 Blocking: the core calls it through `trio.to_thread`. Timeouts are short and retries off, so a
 dead Redis costs one `timeout_ms`, not a library's retry storm.

@@ -1,4 +1,5 @@
-"""Feed faults (SPEC §2): flapping connections, bursts, skewed clocks, a line that never ends."""
+"""Feed faults (contract: feed protocol): flapping connections, bursts, skewed clocks, a line that
+never ends."""
 
 from __future__ import annotations
 

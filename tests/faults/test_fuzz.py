@@ -1,7 +1,7 @@
 """Hypothesis at the edges: arbitrary bytes into the feed parser, arbitrary text into the HTTP
 query parsing and into the app itself. Nothing raises past the edge; no answer is a 500.
 
-The feed parser is checked against a plain reference model of SPEC §2 (split on newlines,
+The feed parser is checked against a plain reference model of the feed protocol (split on newlines,
 `json.loads` each line, classify in the documented order), fed whole and in arbitrary chunks:
 its fast path (one msgspec call per chunk) and slow path must agree with the model, so the
 result can never depend on how TCP cut the stream.
@@ -37,7 +37,7 @@ SYMBOLS = ("BTCUSDT", "ETHUSDT", "DOGEUSDT")
 
 
 def classify(raw: bytes) -> tuple[str, Tick | None]:
-    """SPEC §2 for one complete, non-blank line of at most MAX_LINE bytes."""
+    """The feed protocol for one complete, non-blank line of at most MAX_LINE bytes."""
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):

@@ -1,4 +1,5 @@
-"""PostgreSQL goes away behind a test-owned proxy: the journal keeps every row (SPEC §6)."""
+"""PostgreSQL goes away behind a test-owned proxy: the journal keeps every row (contract:
+PostgreSQL)."""
 
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def test_sigkill_under_load_then_restart_loses_at_most_one_flush_and_doubles_not
     in_redis = rig.redis_ticks()
     lost = sent_first - in_redis  # an upper bound: lines still in the socket count as lost
     assert in_redis >= accepted_before - BOUND_FLUSHES * 3 * RATE * FLUSH_MS / 1000
-    # SPEC §6: at most the last flush interval's ticks. `lost` also counts lines still in the
+    # The contract: at most the last flush interval's ticks. `lost` also counts lines still in the
     # socket, and a loaded CI box can delay a flush: BOUND_FLUSHES intervals' worth is asserted,
     # the measured figure goes to docs/reliability.md.
     bound = BOUND_FLUSHES * 3 * RATE * FLUSH_MS / 1000

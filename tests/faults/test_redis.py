@@ -1,4 +1,4 @@
-"""Redis dies and comes back empty, three times, while ticks flow (SPEC §5)."""
+"""Redis dies and comes back empty, three times, while ticks flow (contract: Redis)."""
 
 from __future__ import annotations
 

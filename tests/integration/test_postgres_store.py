@@ -93,6 +93,8 @@ def test_migrate_creates_schema_and_records_each_migration(pg_config: PostgresCo
         "tick_count": "bigint",
         "open_price": "double precision",
         "close_price": "double precision",
+        "open_time": "timestamp with time zone",
+        "close_time": "timestamp with time zone",
     }
     assert any(
         "CREATE UNIQUE INDEX" in d and '(exchange, pair_name, "timestamp")' in d for d in indexes
@@ -100,6 +102,46 @@ def test_migrate_creates_schema_and_records_each_migration(pg_config: PostgresCo
     assert any('(pair_name, "timestamp" DESC)' in d for d in indexes)
     assert records[:2] == [(1, "aggregates"), (2, "aggregates_hourly")]
     assert records == [(m.version, m.name) for m in load_migrations()]
+
+
+def test_rows_written_before_0003_read_their_minute_bounds_as_tick_times(
+    pg_config: PostgresConfig,
+) -> None:
+    """A database at migration 0002 with rows, migrated to 0003: the old rows read as the
+    minute's start and end, and each hour of the rollup gets its open and close."""
+    old = [m for m in load_migrations() if m.version <= 2]
+    with connect(pg_config) as conn, conn.transaction():
+        conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for migration in old:
+            conn.execute(migration.script)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                (migration.version, migration.name),
+            )
+        for minute, open_, close in ((T0, 10.0, 11.0), (T0 + M, 12.0, 13.0)):
+            conn.execute(
+                'INSERT INTO aggregates (pair_name, exchange, "timestamp", average_price,'
+                " min_price, max_price, tick_count, open_price, close_price)"
+                " VALUES ('BTCUSDT', 'ex1', timestamptz 'epoch' + %s * interval '1 millisecond',"
+                " 11.5, 10.0, 13.0, 2, %s, %s)",
+                (minute, open_, close),
+            )
+    with PostgresAggregateStore(pg_config) as store:
+        store.migrate()
+        found = store.rows("ex1", "BTCUSDT", T0, T0 + H)
+    assert [(r.open_ms, r.close_ms) for r in found] == [
+        (T0, T0 + 59_999),
+        (T0 + M, T0 + M + 59_999),
+    ]
+    with connect(pg_config) as conn:
+        hour = conn.execute(
+            "SELECT open_price, (extract(epoch FROM open_time) * 1000)::bigint, close_price,"
+            " (extract(epoch FROM close_time) * 1000)::bigint FROM aggregates_hourly"
+        ).fetchall()
+    assert hour == [(10.0, T0, 13.0, T0 + M + 59_999)]
 
 
 def test_migrate_twice_is_a_no_op(pg_config: PostgresConfig) -> None:
@@ -152,7 +194,11 @@ def test_first_call_creates_the_database_and_migrates(pg_missing_config: Postgre
 def test_upsert_then_rows_round_trip(store: PostgresAggregateStore) -> None:
     # Counts are powers of two, so average * count gives back the exact total.
     wanted = [
-        row(T0 + i * M, 2**i, 100.1 * 2**i + i, 99.5 - i, 101.25 + i, open_=100.3, close=100.7)
+        attrs.evolve(
+            row(T0 + i * M, 2**i, 100.1 * 2**i + i, 99.5 - i, 101.25 + i, open_=100.3, close=100.7),
+            open_ms=T0 + i * M + 7,
+            close_ms=T0 + i * M + 59_998,
+        )
         for i in range(5)
     ]
     others = [row(T0, exchange="ex2"), row(T0, symbol="ETHUSDT"), row(T0 + 5 * M)]
@@ -311,11 +357,15 @@ WITH expected AS (
            (array_agg("timestamp" ORDER BY min_price, "timestamp"))[1] AS min_at,
            max(max_price) AS max_price,
            (array_agg("timestamp" ORDER BY max_price DESC, "timestamp"))[1] AS max_at,
-           min("timestamp") AS first_minute, max("timestamp") AS last_minute
+           min("timestamp") AS first_minute, max("timestamp") AS last_minute,
+           (array_agg(open_price ORDER BY open_time, "timestamp"))[1] AS open_price,
+           min(open_time) AS open_time,
+           (array_agg(close_price ORDER BY close_time DESC, "timestamp" DESC))[1] AS close_price,
+           max(close_time) AS close_time
       FROM aggregates GROUP BY 1, 2, 3
 ), actual AS (
     SELECT exchange, pair_name, hour, tick_count, price_sum, min_price, min_at, max_price, max_at,
-           first_minute, last_minute
+           first_minute, last_minute, open_price, open_time, close_price, close_time
       FROM aggregates_hourly
 )
 SELECT (SELECT count(*) FROM (SELECT * FROM expected EXCEPT SELECT * FROM actual) AS missing),
@@ -332,16 +382,34 @@ def test_concurrent_writers_keep_the_rollup_exact(
     def writer(lane: int) -> None:
         rng = random.Random(lane)
         mine = [T0 + i * M for i in range(3 * 60) if i % 4 == lane]  # same hours, own minutes
+
+        def timed(r: MinuteRow) -> MinuteRow:
+            """Random open/close prices at random times inside the minute."""
+            a, b = sorted(rng.randrange(60_000) for _ in range(2))
+            return attrs.evolve(
+                r,
+                open=rng.choice([r.low, r.high]),
+                close=rng.choice([r.low, r.high]),
+                open_ms=r.minute + a,
+                close_ms=r.minute + b,
+            )
+
         with PostgresAggregateStore(pg_config) as own:
             for start in range(0, len(mine), 5):
                 minutes = mine[start : start + 5]
                 own.upsert(
-                    [row(m, lane + 1, 100.0 * (lane + 1), 90.0 + lane, 110.0) for m in minutes]
+                    [
+                        timed(row(m, lane + 1, 100.0 * (lane + 1), 90.0 + lane, 110.0))
+                        for m in minutes
+                    ]
                 )
                 again = rng.sample(mine[: start + 5], 3)  # overwrite some: integer sums stay exact
                 count = rng.randint(1, 9)
                 own.upsert(
-                    [row(m, count, 100.0 * count, rng.choice([80.0, 95.0]), 120.0) for m in again]
+                    [
+                        timed(row(m, count, 100.0 * count, rng.choice([80.0, 95.0]), 120.0))
+                        for m in again
+                    ]
                 )
 
     with ThreadPoolExecutor(4) as pool:

@@ -37,11 +37,31 @@ def make(prefix: str, port: int = 6379) -> tuple[MarketState, RedisFlusher, redi
     return state, flusher, redis.Redis(port=port, decode_responses=True)
 
 
-def members(r: redis.Redis, key: str) -> list[tuple[int, int, float, float, float, float, float]]:
-    out = []
+Member = tuple[int, int, float, float, float, float, float]
+
+
+def members(r: redis.Redis, key: str) -> list[Member]:
+    """The window's members without their tick times (`members_with_times` has them)."""
+    return [m[:7] for m in members_with_times(r, key)]  # type: ignore[misc]
+
+
+def members_with_times(r: redis.Redis, key: str) -> list[tuple[Member | int, ...]]:
+    out: list[tuple[Member | int, ...]] = []
     for m in r.zrange(key, 0, -1):
-        s, c, total, lo, hi, first, last = m.split("|")
-        out.append((int(s), int(c), float(total), float(lo), float(hi), float(first), float(last)))
+        s, c, total, lo, hi, first, last, first_ms, last_ms = m.split("|")
+        out.append(
+            (
+                int(s),
+                int(c),
+                float(total),
+                float(lo),
+                float(hi),
+                float(first),
+                float(last),
+                int(first_ms),
+                int(last_ms),
+            )
+        )
     return out
 
 
@@ -60,6 +80,11 @@ async def test_exact_bucket_contents_latest_and_ttls(prefix: str) -> None:
     assert members(r, window) == [
         (NOW_S - 2, 3, 30.75, 9.25, 11.0, 9.25, 11.0),
         (NOW_S - 1, 2, 0.1 + 0.2, 0.1, 0.2, 0.1, 0.2),
+    ]
+    # The first and last tick's own times, to the millisecond (not the second's bounds).
+    assert [m[7:] for m in members_with_times(r, window)] == [
+        (NOW_MS - 2000 + 100, NOW_MS - 2000 + 900),
+        (NOW_MS - 1000 + 5, NOW_MS - 1000 + 5),
     ]
     assert r.zrange(window, 0, -1, withscores=True)[0][1] == NOW_S - 2
     assert "|0.30000000000000004|" in r.zrange(window, 1, 1)[0]  # shortest round-trip repr

@@ -62,7 +62,17 @@ async def test_minute_written_after_grace_in_batches(tmp_path: Path) -> None:
     assert sorted(k[1] for k in store.data) == ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
     assert [len(b) for b in store.batches] == [2, 1]  # db_batch_size = 2
     assert store.data[("ex", "BTCUSDT", M0)] == MinuteRow(
-        "ex", "BTCUSDT", M0, 2, 30.0, 10.0, 20.0, 10.0, 20.0
+        "ex",
+        "BTCUSDT",
+        M0,
+        2,
+        30.0,
+        10.0,
+        20.0,
+        10.0,
+        20.0,
+        open_ms=M0 + 1000,
+        close_ms=M0 + 59_000,
     )
     await agg.flush_all()  # shutdown: the open minute too
     assert store.data[("ex", "BTCUSDT", M0 + 60_000)].count == 1

@@ -23,8 +23,9 @@ from marketflow.generator import (
 from marketflow.models import Tick
 
 SYMBOLS = ["BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT"]
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "data" / "reference-feed"
-# The first round of exchange1.ndjson, byte for byte, so the shape test runs without the captures.
+# Five seconds captured from each reference exchange simulator (tests/fixtures/reference-feed).
+REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "reference-feed"
+# The first round of exchange1.ndjson, byte for byte.
 CAPTURE_HEAD = (
     b'{"symbol":"BTCUSDT","price":99850.22619241157,"timestamp":1795648325363}\n'
     b'{"symbol":"DOGEUSDT","price":0.2990316084082228,"timestamp":1795648325363}\n'
@@ -116,10 +117,7 @@ def test_encode_lines_reproduces_the_reference_bytes() -> None:
 
 @pytest.mark.parametrize("name", ["exchange1", "exchange2", "exchange3"])
 def test_encode_lines_reproduces_whole_captures(name: str) -> None:
-    path = REFERENCE / f"{name}.ndjson"
-    if not path.is_file():
-        pytest.skip(f"reference capture {path} not available")
-    data = path.read_bytes()
+    data = (REFERENCE / f"{name}.ndjson").read_bytes()
     assert encode_lines(_ticks_of(data)) == data
 
 

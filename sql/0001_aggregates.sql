@@ -1,4 +1,4 @@
--- Per-minute aggregates (SPEC §6): one row per (exchange, pair_name, minute).
+-- Per-minute aggregates (contract: PostgreSQL): one row per (exchange, pair_name, minute).
 -- A minute without ticks has no row. Rows carry the minute's full totals and are overwritten
 -- (never added to) by the idempotent upsert in marketflow/store/postgres.py.
 CREATE TABLE aggregates (
@@ -20,6 +20,6 @@ CREATE TABLE aggregates (
     CONSTRAINT aggregates_exchange_pair_minute_key UNIQUE (exchange, pair_name, "timestamp")
 );
 
--- SPEC §6: one symbol across exchanges, newest first ("the last minutes of BTCUSDT anywhere").
+-- The contract: one symbol across exchanges, newest first ("the last minutes of BTCUSDT anywhere").
 -- The store's own queries are per exchange and use the unique index above.
 CREATE INDEX aggregates_pair_name_timestamp_idx ON aggregates (pair_name, "timestamp" DESC);
