@@ -1,22 +1,99 @@
-"""`marketflow` run: the root nursery holding the service and the Hypercorn server."""
+"""The composition root: `build_node` wires the adapters into a node, `serve` runs it with
+Hypercorn under the root nursery (the `marketflow` command).
+
+Only wiring happens here. Each store gets its own connections per job: the ingest's writer, the
+API's reader and the health probe never wait behind one another.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from marketflow.api.app import create_app
-from marketflow.api.fast import FastRoutes
 from marketflow.config import Config
+from marketflow.health import StoreHealth
 from marketflow.hypercorn_guard import guard_hypercorn_connections
-from marketflow.service import Service
+from marketflow.ingest import Ingest
+from marketflow.metrics import Metrics
+from marketflow.minute_reader import MinuteReader
+from marketflow.node import Node
+from marketflow.ports import AggregateStore, Journal, PriceStore
+from marketflow.state import MarketState
 
 log = logging.getLogger("marketflow")
+
+
+def build_node(
+    config: Config,
+    *,
+    price_store: PriceStore | None = None,
+    aggregate_store: AggregateStore | None = None,
+    query_store: AggregateStore | None = None,
+    journal: Journal | None = None,
+    probes: bool = True,
+    clock: Callable[[], float] = time.time,
+) -> Node:
+    """A node for `config` on the real stores; tests pass fakes for any of them (and
+    `probes=False` to run without the probe connections)."""
+    from marketflow.store.journal import FileJournal
+    from marketflow.store.postgres import PostgresAggregateStore
+    from marketflow.store.redis import RedisPriceStore
+
+    app = config.app
+
+    def redis_store() -> RedisPriceStore:
+        return RedisPriceStore(
+            config.redis, window_seconds=app.window_seconds, ttl_seconds=app.redis_ttl_seconds
+        )
+
+    state = MarketState(app.window_seconds)
+    metrics = Metrics()
+    redis_health = StoreHealth("redis")
+    postgres_health = StoreHealth("postgres")
+    writer = price_store or redis_store()
+    aggregates = aggregate_store or PostgresAggregateStore(config.postgres)
+    reader = query_store or PostgresAggregateStore(config.postgres, migrate=False)
+    ingest = Ingest(
+        config,
+        state,
+        metrics,
+        price_store=writer,
+        aggregate_store=aggregates,
+        journal=journal or FileJournal(Path(app.data_dir) / "journal.ndjson"),
+        redis_health=redis_health,
+        postgres_health=postgres_health,
+        clock=clock,
+    )
+    closers = [writer.close, aggregates.close, reader.close]
+    checks = []
+    if probes:
+        redis_probe = redis_store()
+        postgres_probe = PostgresAggregateStore(config.postgres, migrate=False)
+        closers += [redis_probe.close, postgres_probe.close]
+        checks = [
+            (redis_health, redis_probe.probe_write, None),
+            (postgres_health, postgres_probe.probe_write, ingest.aggregator.retry_soon),
+        ]
+    return Node(
+        config,
+        state=state,
+        metrics=metrics,
+        ingest=ingest,
+        minutes=MinuteReader(reader, postgres_health),
+        redis_health=redis_health,
+        postgres_health=postgres_health,
+        probes=checks,
+        closers=closers,
+        clock=clock,
+    )
 
 
 def hypercorn_config(config: Config) -> HypercornConfig:
@@ -40,43 +117,45 @@ def hypercorn_config(config: Config) -> HypercornConfig:
 async def serve(
     config: Config,
     *,
-    service: Service | None = None,
+    node: Node | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run marketflow until SIGINT/SIGTERM (or `service.stop()`); return after a clean shutdown.
+    """Run marketflow until SIGINT/SIGTERM (or `node.stop()`); return after a clean shutdown.
 
-    The root nursery owns the signal watcher, the service (pipeline, flusher, aggregator) and
-    Hypercorn. Hypercorn's shutdown trigger is the service's `stopping` event, so one signal
-    stops accepting connections and drains the pipeline together.
+    The root nursery owns the signal watcher, the node and Hypercorn. Hypercorn's shutdown
+    trigger is the node's `stopping` event, so one signal stops accepting connections and
+    drains the pipeline together.
     """
-    service = service or Service(config)
-    app = create_app(config, service=service)
+    from marketflow.api.app import create_app
+
+    node = node or build_node(config)
+    asgi = create_app(config, node=node)
     guard_hypercorn_connections()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, service)
-        await nursery.start(service.run)
+        nursery.start_soon(_watch_signals, node)
+        await nursery.start(node.run)
         binds: list[str] = await nursery.start(
             lambda task_status: hypercorn_serve(
-                FastRoutes(app, config),
+                asgi,
                 hypercorn_config(config),
-                shutdown_trigger=service.stopping.wait,
+                shutdown_trigger=node.stopping.wait,
                 task_status=task_status,
             )
         )
         log.info("http listening", extra={"ctx": {"binds": ",".join(binds)}})
         task_status.started(binds)
-        await service.finished.wait()
+        await node.finished.wait()
         nursery.cancel_scope.cancel()
 
 
-async def _watch_signals(service: Service) -> None:
+async def _watch_signals(node: Node) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            if service.stopping.is_set():
+            if node.stopping.is_set():
                 log.warning("second signal: exiting at once")
                 os._exit(1)
             log.info(
                 "signal received; shutting down",
                 extra={"ctx": {"signal": signal.Signals(signum).name}},
             )
-            service.stop()
+            node.stop()

@@ -2,24 +2,24 @@
 
     MARKETFLOW_CONFIG=config.toml hypercorn --worker-class trio 'marketflow.asgi:create_app()'
 
-The ASGI lifespan owns the service here: startup starts it in the app's nursery, shutdown
-drains it exactly as the `marketflow` command does.
+The ASGI lifespan owns the node here: startup builds and starts it in the app's nursery,
+shutdown drains it exactly as the `marketflow` command does.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from marketflow.api.app import create_app as _create_api
-from marketflow.api.fast import FastRoutes
+from marketflow.api.http import HttpApp
+from marketflow.app import build_node
 from marketflow.config import config_path, load_config
 from marketflow.hypercorn_guard import guard_hypercorn_connections
 from marketflow.logs import configure_logging
 
 
-def create_app() -> Any:
+def create_app() -> HttpApp:
     config = load_config(config_path(None, os.environ))
     configure_logging(config.log.level, config.log.format, secrets=config.secrets)
     guard_hypercorn_connections()
-    return FastRoutes(_create_api(config, service=None), config)
+    return _create_api(config, node_factory=lambda: build_node(config))

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from marketflow.flusher import describe
+from marketflow.health import describe
 from marketflow.logs import rate_limited
 
 log = logging.getLogger("marketflow.http")

@@ -48,17 +48,27 @@ class Metrics:
             "marketflow_store_errors", "Failed store calls.", ["store"], registry=r
         )
 
-    def watch(self, snapshot: Callable[[], dict[str, Any]]) -> None:
-        """Expose the pipeline's counters; `snapshot()` returns the /health pipeline+sources."""
-        self.registry.register(_SnapshotCollector(snapshot))
+    def watch(
+        self,
+        snapshot: Callable[[], dict[str, Any]],
+        feed_lag_ms: Callable[[], dict[str, int | None]] | None = None,
+    ) -> None:
+        """Expose the pipeline's counters; `snapshot()` returns the /health body, `feed_lag_ms()`
+        each source's wall clock minus its newest tick's timestamp."""
+        self.registry.register(_SnapshotCollector(snapshot, feed_lag_ms))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _SnapshotCollector(Collector):
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], dict[str, Any]],
+        feed_lag_ms: Callable[[], dict[str, int | None]] | None,
+    ) -> None:
         self._snapshot = snapshot
+        self._feed_lag_ms = feed_lag_ms
 
     def describe(self) -> list[Metric]:
         return []
@@ -71,7 +81,7 @@ class _SnapshotCollector(Collector):
         yield updates
         for name, help_text in (
             ("queue_depth", "Batches waiting in the pipeline's channels."),
-            ("pending_rows", "Aggregate rows waiting to be committed (memory and journal)."),
+            ("pending_rows", "Aggregate rows waiting in the journal for PostgreSQL."),
         ):
             gauge = GaugeMetricFamily(f"marketflow_{name}", help_text)
             gauge.add_metric([], pipeline[name])
@@ -79,6 +89,22 @@ class _SnapshotCollector(Collector):
         late = CounterMetricFamily("marketflow_late_ticks", "Ticks too old for any held minute.")
         late.add_metric([], pipeline["late"])
         yield late
+        refused = CounterMetricFamily(
+            "marketflow_refused_ticks",
+            "Ticks refused because rows could be written nowhere and pending_rows_max was reached.",
+        )
+        refused.add_metric([], pipeline.get("refused", 0))
+        yield refused
+        if self._feed_lag_ms is not None:
+            lag = GaugeMetricFamily(
+                "marketflow_feed_lag_seconds",
+                "Wall clock minus the newest tick's timestamp, per source.",
+                labels=["source"],
+            )
+            for name, ms in self._feed_lag_ms().items():
+                if ms is not None:
+                    lag.add_metric([name], ms / 1000)
+            yield lag
         messages = CounterMetricFamily(
             "marketflow_source_messages", "Valid lines read per source.", labels=["source"]
         )

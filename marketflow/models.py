@@ -184,6 +184,16 @@ class RangeStats:
     last_ms: int  # start of the latest bucket seen
 
 
+@attrs.frozen
+class StoreRange:
+    """One stored-minutes range of one key: minutes [from_ms, to_ms); None: from the start."""
+
+    source: str
+    symbol: str
+    from_ms: int | None
+    to_ms: int
+
+
 @attrs.define
 class SourceStats:
     """Live counters of one source, read by /health and /metrics."""

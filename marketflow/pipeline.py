@@ -13,10 +13,11 @@ import time
 import zlib
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from functools import partial
 
 import trio
 
-from marketflow.config import Config
+from marketflow.config import Config, ExchangeConfig
 from marketflow.feeds.reader import read_feed
 from marketflow.generator import generate
 from marketflow.logs import rate_limited
@@ -142,8 +143,16 @@ class Pipeline:
     def _fold(self, work: WorkItem) -> None:
         state = self.state
         for (source, symbol), ticks in work[1]:
-            late = state.key(source, symbol).fold(ticks)
-            state.updates_total += len(ticks)
+            late, refused = state.key(source, symbol).fold(ticks, state.refuse_new_minutes)
+            state.updates_total += len(ticks) - refused
+            if refused:
+                state.refused += refused
+                if rate_limited("refused-ticks", 10.0):
+                    log.error(
+                        "ticks refused: rows can be written nowhere and pending_rows_max is "
+                        "reached",
+                        extra={"ctx": {"source": source, "refused_total": state.refused}},
+                    )
             if late:
                 state.late += late
                 if rate_limited("late-ticks", 10.0):
@@ -214,7 +223,8 @@ class Pipeline:
         *,
         task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        app = self.config.app
+        """Run `mode`'s sources, each in a nursery of its own, inside one cancel scope (reported
+        to the caller): cancelling it stops them all; what they already sent stays queued."""
         names = self.config.sources_for(mode.value)
         with trio.CancelScope() as scope:
             try:
@@ -223,30 +233,45 @@ class Pipeline:
                 async with trio.open_nursery() as nursery:
                     if mode is Mode.LIVE:
                         for exchange in self.config.exchanges:
-                            await nursery.start(
-                                lambda task_status, ex=exchange: read_feed(
-                                    ex,
-                                    self.send_batch,
-                                    self.stats[ex.name],
-                                    symbols=app.symbols,
-                                    max_line_bytes=app.max_line_bytes,
-                                    max_skew_ms=app.max_clock_skew_s * 1000,
-                                    max_future_ms=app.max_future_skew_ms,
-                                    stale_after_s=app.stale_after_s,
-                                    reconnect_max_delay_s=app.reconnect_max_delay_s,
-                                    clock=self.clock,
-                                    task_status=task_status,
-                                )
-                            )
+                            await nursery.start(self._run_feed, exchange)
                     else:
-                        for index, name in enumerate(names):
-                            nursery.start_soon(self._run_generator, name, index)
+                        for name in names:
+                            await nursery.start(self._run_generator, name)
                     task_status.started(scope)
             finally:
                 for name in names:
                     self.stats[name].status = SourceStatus.DISCONNECTED
 
-    async def _run_generator(self, name: str, index: int) -> None:
+    async def _run_feed(
+        self,
+        exchange: ExchangeConfig,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """One exchange's nursery: its reader (and whatever the reader starts beside it)."""
+        app = self.config.app
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    read_feed,
+                    exchange,
+                    self.send_batch,
+                    self.stats[exchange.name],
+                    symbols=app.symbols,
+                    max_line_bytes=app.max_line_bytes,
+                    max_skew_ms=app.max_clock_skew_s * 1000,
+                    max_future_ms=app.max_future_skew_ms,
+                    stale_after_s=app.stale_after_s,
+                    reconnect_max_delay_s=app.reconnect_max_delay_s,
+                    clock=self.clock,
+                )
+            )
+            task_status.started()
+
+    async def _run_generator(
+        self, name: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """One test source: the generator, handing its batches to the pipeline."""
         stats = self.stats[name]
         stats.status = SourceStatus.CONNECTED
 
@@ -255,6 +280,7 @@ class Pipeline:
             stats.last_message_at = trio.current_time()
             await self.send_batch(source, ticks)
 
+        task_status.started()
         await generate(
             name,
             list(self.config.app.symbols),

@@ -7,11 +7,17 @@ carrying a whole flush or batch, so the per-tick path never waits on a thread ho
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
-from marketflow.models import Bucket, Key, LatestPrice, MinuteRow, RangeStats
+from marketflow.models import Bucket, Key, LatestPrice, MinuteRow, Mode, RangeStats, StoreRange
+
+if TYPE_CHECKING:
+    import trio
+
+    from marketflow.broadcast import PriceHub
+    from marketflow.state import MarketState
 
 
 @attrs.frozen
@@ -82,8 +88,75 @@ class Journal(Protocol):
         """Every journaled batch, oldest first."""
         ...
 
+    def read_from(self, offset: int) -> Iterable[tuple[int, list[MinuteRow]]]:
+        """(offset after it, batch) for each batch from `offset` on, oldest first."""
+        ...
+
     def truncate(self) -> None: ...
 
     def __len__(self) -> int:
         """Number of rows waiting."""
+        ...
+
+
+# --- the read side: what the API answers from -------------------------------------------------
+
+
+class StoredMinutes(Protocol):
+    """Minutes older than what the market state holds, read from the aggregate store.
+
+    Async and shared by every request: one thread hop per request, identical concurrent reads
+    share one query. Raises `queries.QueryError` (503) when the store cannot answer.
+    """
+
+    async def range_stats(self, ranges: Sequence[StoreRange]) -> list[RangeStats | None]: ...
+
+
+class MarketView(Protocol):
+    """The read port (the query context): the market state (ingested here, or mirrored), the
+    stored minutes older than it, the current mode's sources and the wall clock."""
+
+    @property
+    def state(self) -> MarketState: ...
+
+    @property
+    def stored(self) -> StoredMinutes: ...
+
+    def sources(self) -> list[str]:
+        """The current mode's sources, in configured order."""
+        ...
+
+    def now(self) -> float:
+        """Wall-clock time in seconds."""
+        ...
+
+
+class NodePort(Protocol):
+    """What the HTTP and WebSocket layer asks of the running node, whatever its role."""
+
+    @property
+    def view(self) -> MarketView: ...
+
+    @property
+    def hub(self) -> PriceHub: ...
+
+    @property
+    def stopping(self) -> trio.Event: ...
+
+    def is_ready(self) -> bool:
+        """True once the node serves current data (restore done, tasks running)."""
+        ...
+
+    def health(self) -> dict[str, Any]:
+        """The /health body."""
+        ...
+
+    def mode(self) -> Mode: ...
+
+    async def switch_mode(self, mode: Mode) -> dict[str, Any]:
+        """Switch the data mode; the body `POST /mode/*` answers."""
+        ...
+
+    def metrics(self) -> bytes:
+        """Prometheus text exposition."""
         ...

@@ -2,8 +2,9 @@
 statistics.
 
 Pure where it can be: names, periods and ranges are plain functions of their input, and the
-answers are built from `MarketState` plus, for minutes memory no longer holds, one blocking call
-to the aggregate store (one thread hop per request, whatever the number of sources).
+answers are built from the read port (`ports.MarketView`): the market state — ingested by this
+process or mirrored from Redis, the same class either way — plus, for minutes it no longer holds,
+one read of the stored minutes (one thread hop per request, whatever the number of sources).
 
 Which store answers what:
 - a period P <= `window_seconds`: the 1-second buckets held in memory, seconds now-P+1 .. now;
@@ -18,25 +19,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal
 
 import attrs
-import trio
 
 from marketflow.config import SOURCE_NAME_RE, SYMBOL_RE, Config, parse_period
-from marketflow.flusher import StoreHealth, describe
-from marketflow.logs import rate_limited
-from marketflow.models import Key, RangeStats
-from marketflow.ports import AggregateStore
+from marketflow.models import Key, RangeStats, StoreRange
+from marketflow.ports import MarketView
 from marketflow.state import MarketState, combine_stats
 
 log = logging.getLogger("marketflow.queries")
 
 Stat = Literal["highest", "lowest", "average"]
 STATS: Final[tuple[Stat, ...]] = ("highest", "lowest", "average")
-# A PostgreSQL read never holds a request longer than this; the store's own statement timeout
-# bounds the thread, this bounds the wait for the reader connection behind other queries.
-QUERY_TIMEOUT_S: Final = 10.0
 _ECHO_CHARS = 40  # how much of a refused name an error message repeats
 
 
@@ -198,63 +193,6 @@ def latest_across(state: MarketState, sources: Iterable[str], symbol: str) -> di
 # --- statistics --------------------------------------------------------------------------------
 
 
-class QueryContext(Protocol):
-    """What statistics need from the service (`Service` satisfies it)."""
-
-    state: MarketState
-    postgres_reader: AggregateStore
-    query_limiter: trio.CapacityLimiter
-    postgres_health: StoreHealth
-    range_cache: RangeCache
-
-
-class RangeCache:
-    """Single-flight, short-lived answers to identical PostgreSQL range reads.
-
-    The minutes these ranges cover are older than anything memory holds, so they change only
-    when a journal replay commits; without sharing, 64 clients asking for `?period=1d` queue 64
-    identical reads behind the one reader connection. Concurrent identical requests wait for one
-    read; its answer serves for `ttl_s`.
-    """
-
-    def __init__(self, ttl_s: float = 1.0, max_entries: int = 256) -> None:
-        self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self._answers: dict[tuple[StoreRange, ...], tuple[float, list[RangeStats | None]]] = {}
-        self._inflight: dict[tuple[StoreRange, ...], trio.Event] = {}
-
-    async def get(self, ctx: QueryContext, ranges: Sequence[StoreRange]) -> list[RangeStats | None]:
-        key = tuple(ranges)
-        while True:
-            cached = self._answers.get(key)
-            if cached is not None and trio.current_time() - cached[0] < self.ttl_s:
-                return cached[1]
-            pending = self._inflight.get(key)
-            if pending is None:
-                break
-            await pending.wait()  # then read the answer it left, or try ourselves if it failed
-        done = self._inflight[key] = trio.Event()
-        try:
-            answer = await _read_store_ranges(ctx, ranges)
-            if len(self._answers) >= self.max_entries:
-                self._answers.clear()
-            self._answers[key] = (trio.current_time(), answer)
-            return answer
-        finally:
-            del self._inflight[key]
-            done.set()
-
-
-@attrs.frozen
-class StoreRange:
-    """One PostgreSQL range query: minutes [from_ms, to_ms) of one key."""
-
-    source: str
-    symbol: str
-    from_ms: int | None
-    to_ms: int
-
-
 def split_minutes(
     state: MarketState, keys: Sequence[Key], plan: Plan
 ) -> tuple[list[RangeStats | None], list[StoreRange]]:
@@ -283,54 +221,6 @@ def split_minutes(
     return held, ranges
 
 
-def _read_ranges(store: AggregateStore, ranges: Sequence[StoreRange]) -> list[RangeStats | None]:
-    return [store.range_stats(r.source, r.symbol, r.from_ms, r.to_ms) for r in ranges]
-
-
-async def read_store_ranges(
-    ctx: QueryContext, ranges: Sequence[StoreRange]
-) -> list[RangeStats | None]:
-    """All of a request's PostgreSQL ranges in one thread hop (shared with identical concurrent
-    requests); 503 when it cannot answer."""
-    health = ctx.postgres_health
-    if health.checked and not health.up:
-        raise QueryError(
-            503,
-            "PostgreSQL is unavailable and memory does not hold this whole range; "
-            "try a period within the last window_seconds",
-        )
-    return await ctx.range_cache.get(ctx, ranges)
-
-
-async def _read_store_ranges(
-    ctx: QueryContext, ranges: Sequence[StoreRange]
-) -> list[RangeStats | None]:
-    health = ctx.postgres_health
-    if health.checked and not health.up:
-        raise QueryError(
-            503,
-            "PostgreSQL is unavailable and memory does not hold this whole range; "
-            "try a period within the last window_seconds",
-        )
-    with trio.move_on_after(QUERY_TIMEOUT_S) as scope:
-        try:
-            return await trio.to_thread.run_sync(
-                _read_ranges, ctx.postgres_reader, ranges, limiter=ctx.query_limiter
-            )
-        except Exception as exc:
-            if rate_limited("queries.postgres_failed", 10.0):
-                log.warning(
-                    "statistics query failed on postgres", extra={"ctx": {"error": describe(exc)}}
-                )
-            raise QueryError(
-                503,
-                f"PostgreSQL query failed ({type(exc).__name__}) and memory does not hold "
-                "this whole range",
-            ) from exc
-    assert scope.cancelled_caught
-    raise QueryError(503, "PostgreSQL did not answer in time")
-
-
 def seconds_stats(
     state: MarketState, keys: Sequence[Key], plan: Plan
 ) -> tuple[int, RangeStats | None]:
@@ -350,7 +240,7 @@ def seconds_stats(
 
 
 async def statistic(
-    ctx: QueryContext,
+    view: MarketView,
     *,
     stat: Stat,
     symbol: str,
@@ -364,11 +254,11 @@ async def statistic(
     keys = [(source, symbol) for source in sources]
     plan = plan_range(now, period, window_seconds)
     if plan.resolution == "1s":
-        from_s, stats = seconds_stats(ctx.state, keys, plan)
+        from_s, stats = seconds_stats(view.state, keys, plan)
         from_ms = from_s * 1000
     else:
-        held, ranges = split_minutes(ctx.state, keys, plan)
-        stored = await read_store_ranges(ctx, ranges) if ranges else []
+        held, ranges = split_minutes(view.state, keys, plan)
+        stored = await view.stored.range_stats(ranges) if ranges else []
         stats = combine_stats([*stored, *held])
         if plan.from_minute is not None:
             from_ms = plan.from_minute * 60_000

@@ -59,14 +59,19 @@ class KeyState:
         self.minutes_dirty: set[int] = set()
         self.horizon_s = 0
 
-    def fold(self, ticks: Iterable[Tick]) -> int:
-        """Fold ticks in arrival order; return how many were too old to be held (late)."""
+    def fold(self, ticks: Iterable[Tick], refuse_new_minutes: bool = False) -> tuple[int, int]:
+        """Fold ticks in arrival order. Returns (late, refused): ticks too old to be held, and
+        ticks refused because they would open a new minute while `refuse_new_minutes` (rows
+        cannot be written anywhere and memory is at its bound)."""
         buckets = self.buckets
         redis_dirty = self.redis_dirty
         minutes_dirty = self.minutes_dirty
         horizon = self.horizon_s
         latest_price, latest_ts = self.latest_price, self.latest_ts
-        late = 0
+        held: set[int] | None = None
+        if refuse_new_minutes:
+            held = {sec // 60 for sec in buckets} | set(self.minute_base)
+        late = refused = 0
         last_sec = -1
         b: Bucket = []
         for _, price, ts in ticks:
@@ -75,10 +80,13 @@ class KeyState:
                 if sec < horizon:
                     late += 1
                     continue
+                got = buckets.get(sec)
+                if got is None and held is not None and sec // 60 not in held:
+                    refused += 1
+                    continue
                 last_sec = sec
                 redis_dirty.add(sec)
                 minutes_dirty.add(sec // 60)
-                got = buckets.get(sec)
                 if got is None:
                     buckets[sec] = b = [1, price, price, price, price, price, ts, ts]
                     if ts >= latest_ts:
@@ -102,13 +110,7 @@ class KeyState:
         if latest_ts != self.latest_ts or latest_price != self.latest_price:
             self.latest_price, self.latest_ts = latest_price, latest_ts
             self.latest_dirty = True
-        return late
-
-    @property
-    def latest(self) -> LatestPrice | None:
-        if self.latest_ts < 0:
-            return None
-        return LatestPrice(self.source, self.symbol, self.latest_price, self.latest_ts)
+        return late, refused
 
     def minute_bucket(self, minute: int) -> Bucket | None:
         """The whole minute as one bucket: its resumed row (if any) plus its seconds."""
@@ -157,7 +159,11 @@ class MarketState:
         self.window_seconds = window_seconds
         self.keys: dict[Key, KeyState] = {}
         self.late = 0
+        self.refused = 0  # ticks refused while `refuse_new_minutes` (pending_rows_max reached)
         self.updates_total = 0
+        # Set by the aggregator while rows can be written neither to PostgreSQL nor the journal
+        # and `pending_rows_max` of them are held: ticks opening a new minute are refused.
+        self.refuse_new_minutes = False
         # Set when Redis may have lost what we wrote (it was down): the next flush rewrites all.
         self.redis_rewrite_all = True
 
@@ -166,9 +172,6 @@ class MarketState:
         if state is None:
             state = self.keys[(source, symbol)] = KeyState(source, symbol)
         return state
-
-    def get(self, source: str, symbol: str) -> KeyState | None:
-        return self.keys.get((source, symbol))
 
     # --- Redis flush -------------------------------------------------------------------------
 

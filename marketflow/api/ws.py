@@ -20,12 +20,12 @@ from collections.abc import Callable, Iterable, Sequence
 
 import orjson
 import trio
-from quart import websocket
+from quart import Response, websocket
 from quart.wrappers.base import ClientDisconnectedError
 from quart_trio import QuartTrio
 from werkzeug.datastructures import MultiDict
 
-from marketflow.api.app import service_of
+from marketflow.api.routes import NodeRef
 from marketflow.broadcast import (
     CLOSE_POLICY,
     SNAPSHOT,
@@ -34,10 +34,10 @@ from marketflow.broadcast import (
     error_frame,
 )
 from marketflow.config import Config
-from marketflow.flusher import describe
+from marketflow.health import describe
 from marketflow.logs import rate_limited
+from marketflow.ports import NodePort
 from marketflow.queries import Catalog, QueryError
-from marketflow.service import Service
 
 log = logging.getLogger("marketflow.ws")
 
@@ -122,13 +122,28 @@ def apply_message(
 # --- the route ---------------------------------------------------------------------------------
 
 
-def register(app: QuartTrio, config: Config) -> None:
-    """Add `WS /ws/prices`; the service's `PriceHub` fans prices out to the clients."""
+class NotReady(Exception):
+    """The node is starting or stopping: the handshake is refused with a JSON 503."""
+
+
+def register(app: QuartTrio, config: Config, ref: NodeRef) -> None:
+    """Add `WS /ws/prices`; the node's `PriceHub` fans prices out to the clients."""
     catalog = Catalog(config)
+
+    @app.errorhandler(NotReady)
+    async def not_ready(exc: NotReady) -> Response:
+        return Response(b'{"error":"marketflow is starting"}', 503, content_type="application/json")
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"ctx": {"path": websocket.path[:200]}})
+        return Response(b'{"error":"internal error"}', 500, content_type="application/json")
 
     @app.websocket("/ws/prices")
     async def prices_stream() -> None:
-        service = service_of(app)  # not ready: a 503 answer instead of the handshake
+        node = ref.node
+        if node is None or not node.is_ready():
+            raise NotReady  # a 503 answer instead of the handshake
         try:
             await websocket.accept()
         except Exception as exc:  # a malformed upgrade: Hypercorn 0.18 raises from its h11 state
@@ -141,7 +156,7 @@ def register(app: QuartTrio, config: Config) -> None:
             await websocket.send(error_frame(exc.message))
             await _close(CLOSE_POLICY, exc.message)
             return
-        hub = service.hub
+        hub = node.hub
         if not hub.running:
             await websocket.send(error_frame("the live stream is not running"))
             await _close(CLOSE_INTERNAL, "the live stream is not running")
@@ -151,7 +166,7 @@ def register(app: QuartTrio, config: Config) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump, hub, client, nursery.cancel_scope)
                 nursery.start_soon(_watch_close, client, nursery.cancel_scope)
-                await _read_messages(catalog, client, service)
+                await _read_messages(catalog, client, node)
                 nursery.cancel_scope.cancel()  # the client went away
         finally:
             hub.remove(client)
@@ -170,7 +185,7 @@ async def _watch_close(client: Client, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _read_messages(catalog: Catalog, client: Client, service: Service) -> None:
+async def _read_messages(catalog: Catalog, client: Client, node: NodePort) -> None:
     """Apply the client's messages, answering each with a snapshot or an error frame; return
     when the client goes away."""
     while True:
@@ -179,7 +194,7 @@ async def _read_messages(catalog: Catalog, client: Client, service: Service) -> 
         except ClientDisconnectedError:
             return
         try:
-            apply_message(catalog, client, data, service.pipeline.sources())
+            apply_message(catalog, client, data, node.view.sources())
         except QueryError as exc:
             await client.put_control(error_frame(exc.message), trio.current_time())
         else:

@@ -13,6 +13,7 @@ import trio
 from marketflow.backoff import Backoff
 from marketflow.config import ExchangeConfig
 from marketflow.feeds.framing import FeedParser
+from marketflow.health import describe
 from marketflow.logs import bind, rate_limited
 from marketflow.models import Reject, SourceStats, SourceStatus, Tick
 
@@ -61,7 +62,7 @@ async def read_feed(
                             "feed connect failed",
                             extra={
                                 "ctx": {
-                                    "error": _describe(exc),
+                                    "error": describe(exc),
                                     "retry_in_s": round(delay, 1),
                                     "attempt": backoff.attempt,
                                     "addr": f"{exchange.host}:{exchange.port}",
@@ -116,7 +117,7 @@ async def _read_connection(
                 with trio.move_on_after(stale_after_s) as scope:
                     data = await stream.receive_some(RECEIVE_BYTES)
             except (OSError, trio.BrokenResourceError) as exc:
-                return _describe(exc)
+                return describe(exc)
             if scope.cancelled_caught:
                 return f"stale: no data for {stale_after_s:g}s"
             if not data:
@@ -152,8 +153,3 @@ def _count_rejects(parser: FeedParser, stats: SourceStats, seen: dict[Reject, in
                 }
             },
         )
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:200]

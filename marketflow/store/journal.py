@@ -18,7 +18,6 @@ from marketflow.models import MinuteRow
 
 log = logging.getLogger("marketflow.journal")
 
-JOURNAL_FILE = "aggregates.journal"
 FORMAT_VERSION = 2  # 2 adds each row's first and last tick time; 1 still reads
 
 
@@ -92,10 +91,6 @@ class FileJournal:
         self._rows = 0
         self._recover()
 
-    @classmethod
-    def in_data_dir(cls, data_dir: str | os.PathLike[str]) -> FileJournal:
-        return cls(Path(data_dir) / JOURNAL_FILE)
-
     def append(self, rows: Sequence[MinuteRow]) -> None:
         if not rows:
             return
@@ -118,10 +113,18 @@ class FileJournal:
 
     def batches(self) -> Iterator[list[MinuteRow]]:
         """Batches appended before this call, oldest first."""
+        for _, batch in self.read_from(0):
+            yield batch
+
+    def read_from(self, offset: int) -> Iterator[tuple[int, list[MinuteRow]]]:
+        """(offset after the batch, batch) for each batch from byte `offset` on that was
+        appended before this call, oldest first: a replay can stop after any batch and go on
+        from that offset later."""
         with self._lock:
             end = self._size
-        position = 0
+        position = offset
         with open(self.path, "rb") as f:
+            f.seek(offset)
             for line in f:
                 position += len(line)
                 if position > end:
@@ -134,7 +137,7 @@ class FileJournal:
                         position - len(line),
                     )
                     continue
-                yield batch
+                yield position, batch
 
     def truncate(self) -> None:
         with self._lock, open(self.path, "wb") as f:

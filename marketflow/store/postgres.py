@@ -111,6 +111,13 @@ SELECT t.tick_count, t.price_sum,
        (SELECT min_price, min_at FROM parts ORDER BY min_price, min_at LIMIT 1) AS lo
 """
 
+# `may_write` is NULL before the first migration created the table.
+WRITABLE_SQL = """
+SELECT pg_is_in_recovery(), current_setting('transaction_read_only'),
+       CASE WHEN to_regclass('aggregates') IS NULL THEN NULL
+            ELSE has_table_privilege('aggregates', 'INSERT, UPDATE') END
+"""
+
 MIGRATIONS_TABLE_SQL = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version    integer     PRIMARY KEY,
@@ -194,8 +201,10 @@ class PostgresAggregateStore:
         statement_timeout_ms: int = 5000,
         connect_timeout_s: int = 2,
         migration_timeout_ms: int = 60_000,
+        migrate: bool = True,
     ) -> None:
         self._config = config
+        self._migrating = migrate  # the writer creates the database and migrates; readers never
         self._statement_timeout_ms = statement_timeout_ms
         self._connect_timeout_s = connect_timeout_s
         self._migration_timeout_ms = migration_timeout_ms
@@ -256,6 +265,27 @@ class PostgresAggregateStore:
 
         return self._call(probe)
 
+    def probe_write(self) -> float:
+        """Would this server take our upserts? Not a replica in recovery, not read-only, INSERT
+        and UPDATE granted on `aggregates` (once it exists). Raises PostgresStoreError naming the
+        reason; returns the round trip in ms. Writes nothing."""
+
+        def probe(conn: Connection) -> float:
+            start = time.perf_counter()
+            row = conn.execute(WRITABLE_SQL).fetchone()
+            elapsed = (time.perf_counter() - start) * 1000
+            assert row is not None
+            in_recovery, read_only, may_write = row
+            if in_recovery:
+                raise PostgresStoreError("PostgreSQL is in recovery (a read-only replica)")
+            if read_only == "on":
+                raise PostgresStoreError("PostgreSQL transactions are read-only")
+            if may_write is False:
+                raise PostgresStoreError("no INSERT/UPDATE privilege on aggregates")
+            return elapsed
+
+        return self._call(probe)
+
     def close(self) -> None:
         with self._lock:
             self._drop()
@@ -286,7 +316,7 @@ class PostgresAggregateStore:
                 broken = False
                 try:
                     if self._conn is None:
-                        self._conn = self._open(migrate=not migrating)
+                        self._conn = self._open(migrate=self._migrating and not migrating)
                     return fn(self._conn)
                 except psycopg.Error as exc:
                     broken = self._conn is not None and self._conn.broken
@@ -306,7 +336,7 @@ class PostgresAggregateStore:
             # libpq gives no SQLSTATE for a refused connection; the server's "database "x" does
             # not exist" names the database in quotes in every locale. Other refusals that name
             # it (no CONNECT privilege) find it exists and keep their own message.
-            if f'"{dbname}"' not in str(exc):
+            if f'"{dbname}"' not in str(exc) or not self._migrating:
                 raise
             # Created now, or by another instance a moment ago (then it may still be empty):
             # connect again either way; without CONNECT privilege this raises the real reason.

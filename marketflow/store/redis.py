@@ -98,5 +98,12 @@ class RedisPriceStore:
         self._client.ping()
         return (time.perf_counter() - started) * 1000
 
+    def probe_write(self) -> float:
+        """A write Redis must take (a short-lived key): a read-only replica or an out-of-memory
+        server answers PING but refuses this. Returns the round trip in ms."""
+        started = time.perf_counter()
+        self._client.set(f"{self.prefix}health:probe", "1", px=5000)
+        return (time.perf_counter() - started) * 1000
+
     def close(self) -> None:
         self._client.close()

@@ -8,7 +8,8 @@ import pytest
 import redis
 
 from marketflow.config import RedisConfig
-from marketflow.flusher import RedisFlusher, StoreHealth
+from marketflow.flusher import RedisFlusher
+from marketflow.health import StoreHealth
 from marketflow.metrics import Metrics
 from marketflow.state import MarketState
 from marketflow.store.redis import RedisPriceStore

@@ -7,7 +7,7 @@ from pathlib import Path
 import trio
 
 from marketflow.aggregation import Aggregator
-from marketflow.flusher import StoreHealth
+from marketflow.health import StoreHealth
 from marketflow.metrics import Metrics
 from marketflow.models import MinuteRow
 from marketflow.state import MarketState

@@ -1,4 +1,4 @@
-"""`WS /ws/prices` through Quart's test client, with the service's hub running."""
+"""`WS /ws/prices` through Quart's test client, with the node's hub running."""
 
 from __future__ import annotations
 
@@ -16,18 +16,19 @@ from trio.testing import MockClock
 
 from marketflow.api.app import create_app
 from marketflow.config import build_config
-from marketflow.service import Service
-from tests.unit.service_fakes import NOW_MS, make_service
+from marketflow.node import Node
+from tests.unit.node_fakes import NOW_MS, make_node
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[QuartTrio, Service]]:
+async def served() -> AsyncIterator[tuple[QuartTrio, Node]]:
     config = build_config({"app": {"ws_min_interval_ms": 100, "ws_max_lag_s": 2}})
-    service = make_service(config)
-    app = create_app(config, service=service)
+    node = make_node(config)
+    app = create_app(config, node=node).fallback  # WebSocket connections go to Quart-Trio
+    assert isinstance(app, QuartTrio)
     async with app.test_app(), trio.open_nursery() as nursery:
-        await nursery.start(service.hub.run, service.stopping)  # as Service.run does
-        yield app, service
+        await nursery.start(node.hub.run, node.stopping)  # as Node.run does
+        yield app, node
         nursery.cancel_scope.cancel()
 
 
@@ -53,9 +54,9 @@ def keys(frame: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 async def test_snapshot_then_coalesced_prices(
-    served: tuple[QuartTrio, Service], autojump_clock: MockClock
+    served: tuple[QuartTrio, Node], autojump_clock: MockClock
 ) -> None:
-    app, service = served
+    app, node = served
     async with app.test_client().websocket("/ws/prices") as ws:
         snapshot = await receive(ws)
         assert snapshot["type"] == "snapshot"
@@ -66,10 +67,10 @@ async def test_snapshot_then_coalesced_prices(
             "price": 101.0,
             "timestamp": NOW_MS - 1000,
         }
-        key = service.state.key("test-exchange1", "ETHUSDT")
+        key = node.state.key("test-exchange1", "ETHUSDT")
         for i in range(5):  # five ticks in one interval: one entry, the latest
             key.fold([("ETHUSDT", 3000.0 + i, NOW_MS + i)])
-        service.state.key("exchange1", "ETHUSDT").fold([("ETHUSDT", 1.0, NOW_MS)])  # not in mode
+        node.state.key("exchange1", "ETHUSDT").fold([("ETHUSDT", 1.0, NOW_MS)])  # not in mode
         frame = await receive(ws)
         assert frame == {
             "type": "prices",
@@ -85,15 +86,15 @@ async def test_snapshot_then_coalesced_prices(
 
 
 async def test_query_filters_the_subscription(
-    served: tuple[QuartTrio, Service], autojump_clock: MockClock
+    served: tuple[QuartTrio, Node], autojump_clock: MockClock
 ) -> None:
-    app, service = served
+    app, node = served
     path = "/ws/prices?symbols=btcusdt&exchanges=exchange1,test-exchange2"
     async with app.test_client().websocket(path) as ws:
         snapshot = await receive(ws)
         assert keys(snapshot) == [("exchange1", "BTCUSDT"), ("test-exchange2", "BTCUSDT")]
-        service.state.key("test-exchange1", "BTCUSDT").fold([("BTCUSDT", 1.0, NOW_MS + 1)])
-        service.state.key("exchange1", "BTCUSDT").fold([("BTCUSDT", 2.0, NOW_MS + 1)])
+        node.state.key("test-exchange1", "BTCUSDT").fold([("BTCUSDT", 1.0, NOW_MS + 1)])
+        node.state.key("exchange1", "BTCUSDT").fold([("BTCUSDT", 2.0, NOW_MS + 1)])
         frame = await receive(ws)
         assert keys(frame) == [("exchange1", "BTCUSDT")]
 
@@ -112,7 +113,7 @@ async def test_query_filters_the_subscription(
     ],
 )
 async def test_bad_query_gets_an_error_frame_then_1008(
-    served: tuple[QuartTrio, Service], query: str, autojump_clock: MockClock
+    served: tuple[QuartTrio, Node], query: str, autojump_clock: MockClock
 ) -> None:
     app, _ = served
     async with app.test_client().websocket(f"/ws/prices?{query}") as ws:
@@ -122,9 +123,9 @@ async def test_bad_query_gets_an_error_frame_then_1008(
 
 
 async def test_subscribe_unsubscribe_and_bad_messages(
-    served: tuple[QuartTrio, Service], autojump_clock: MockClock
+    served: tuple[QuartTrio, Node], autojump_clock: MockClock
 ) -> None:
-    app, service = served
+    app, node = served
     async with app.test_client().websocket("/ws/prices?symbols=ETHUSDT") as ws:
         assert (await receive(ws))["data"] == []
         await ws.send(orjson.dumps({"op": "subscribe", "symbols": ["btcusdt"]}))
@@ -154,25 +155,25 @@ async def test_subscribe_unsubscribe_and_bad_messages(
         frame = await receive(ws)
         assert keys(frame) == [("exchange1", "BTCUSDT"), ("test-exchange2", "BTCUSDT")]
 
-        service.state.key("exchange1", "BTCUSDT").fold([("BTCUSDT", 5.0, NOW_MS + 9)])
+        node.state.key("exchange1", "BTCUSDT").fold([("BTCUSDT", 5.0, NOW_MS + 9)])
         frame = await receive(ws)
         assert frame["type"] == "prices" and keys(frame) == [("exchange1", "BTCUSDT")]
 
 
 async def test_shutdown_closes_with_1001(
-    served: tuple[QuartTrio, Service], autojump_clock: MockClock
+    served: tuple[QuartTrio, Node], autojump_clock: MockClock
 ) -> None:
-    app, service = served
+    app, node = served
     async with app.test_client().websocket("/ws/prices") as ws:
         await receive(ws)
-        service.stop()
+        node.stop()
         assert await closed_with(ws) == 1001
 
 
 async def test_not_ready_refuses_the_handshake(autojump_clock: MockClock) -> None:
     config = build_config({})
-    service = make_service(config, ready=False)
-    app = create_app(config, service=service)
+    app = create_app(config, node=make_node(config, ready=False)).fallback
+    assert isinstance(app, QuartTrio)
     async with app.test_app(), app.test_client().websocket("/ws/prices") as ws:
         with trio.fail_after(5), pytest.raises(Exception) as info:
             await ws.receive()
@@ -181,10 +182,10 @@ async def test_not_ready_refuses_the_handshake(autojump_clock: MockClock) -> Non
 
 
 async def test_a_client_going_away_leaves_nothing_behind(
-    served: tuple[QuartTrio, Service], autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+    served: tuple[QuartTrio, Node], autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app, service = served
-    hub = service.hub
+    app, node = served
+    hub = node.hub
     for _ in range(3):
         async with app.test_client().websocket("/ws/prices") as ws:
             await receive(ws)

@@ -57,7 +57,17 @@ BAD = [
     (line(price=0), Reject.BAD_PRICE),
     (line(ts=NOW_MS - 121_000), Reject.BAD_TIMESTAMP),
     (line(ts=NOW_MS + 121_000), Reject.BAD_TIMESTAMP),
+    (line(ts=NOW_MS + 5_001), Reject.BAD_TIMESTAMP),  # ahead of max_future_skew_ms
 ]
+
+
+def test_a_tick_from_the_future_is_refused_beyond_its_own_limit() -> None:
+    """A tick stamped two minutes ahead would win "newest" for two minutes: the future limit
+    (`max_future_skew_ms`, 5 s) is much tighter than the past one (`max_clock_skew_s`)."""
+    p = parser(max_skew_ms=120_000, max_future_ms=5_000)
+    ticks = p.feed(line(ts=NOW_MS + 5_000) + line(ts=NOW_MS + 119_000) + line(ts=NOW_MS - 119_000))
+    assert [t[2] for t in ticks] == [NOW_MS + 5_000, NOW_MS - 119_000]
+    assert p.rejected[Reject.BAD_TIMESTAMP] == 1
 
 
 def test_each_bad_form_is_counted_under_its_reason_and_good_lines_survive() -> None:

@@ -9,21 +9,19 @@ import trio
 import trio.testing
 
 from marketflow.config import Config, build_config
-from marketflow.flusher import StoreHealth
-from marketflow.models import MinuteRow, Tick
+from marketflow.health import StoreHealth
+from marketflow.minute_reader import MinuteReader
+from marketflow.models import MinuteRow, StoreRange, Tick
 from marketflow.ports import AggregateStore
 from marketflow.queries import (
     ALL_HISTORY,
     Catalog,
     Period,
     QueryError,
-    RangeCache,
     Stat,
-    StoreRange,
     latest_across,
     latest_for_source,
     plan_range,
-    read_store_ranges,
     rfc3339,
     statistic,
 )
@@ -44,18 +42,23 @@ def config(**app: Any) -> Config:
 
 
 class Ctx:
-    """What `statistic` needs from the service: state, the reader, its limiter and health."""
+    """A read port (`ports.MarketView`) over a state and a store."""
 
     def __init__(self, state: MarketState, store: AggregateStore | None = None) -> None:
         self.state = state
-        self.postgres_reader: AggregateStore = store or MemoryAggregateStore()
-        self.query_limiter = trio.CapacityLimiter(1)
         self.postgres_health = StoreHealth("postgres")
-        self.range_cache = RangeCache(ttl_s=0.0)  # every question reaches the store here
+        # ttl 0: every question reaches the store here
+        self.stored = MinuteReader(store or MemoryAggregateStore(), self.postgres_health, ttl_s=0.0)
+
+    def sources(self) -> list[str]:
+        return [A, B]
+
+    def now(self) -> float:
+        return NOW
 
 
 def fold(state: MarketState, source: str, ticks: list[tuple[float, int]]) -> None:
-    state.late += state.key(source, SYM).fold([(SYM, p, ts) for p, ts in ticks])
+    state.late += state.key(source, SYM).fold([(SYM, p, ts) for p, ts in ticks])[0]
 
 
 async def ask(
@@ -544,13 +547,12 @@ async def test_identical_concurrent_range_reads_share_one_store_call(
 ) -> None:
     store = CountingStore()
     store.upsert([MinuteRow("ex", SYM, 0, 2, 3.0, 1.0, 2.0, 1.0, 2.0)])
-    ctx = Ctx(MarketState(window_seconds=300), store)
-    ctx.range_cache = RangeCache(ttl_s=1.0)
+    reader = MinuteReader(store, StoreHealth("postgres"), ttl_s=1.0)
     ranges = [StoreRange("ex", SYM, None, 60_000)]
     answers: list[Any] = []
 
     async def ask_store() -> None:
-        answers.append(await read_store_ranges(ctx, ranges))
+        answers.append(await reader.range_stats(ranges))
 
     async with trio.open_nursery() as nursery:
         for _ in range(20):
@@ -559,5 +561,5 @@ async def test_identical_concurrent_range_reads_share_one_store_call(
     assert len(answers) == 20 and all(a == answers[0] for a in answers)
     assert answers[0][0].count == 2
     await trio.sleep(1.5)  # past the time to live: asked again
-    await read_store_ranges(ctx, ranges)
+    await reader.range_stats(ranges)
     assert store.calls == 2

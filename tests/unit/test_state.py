@@ -27,7 +27,7 @@ def test_bucket_contents_by_hand() -> None:
         ("BTCUSDT", 11.0, T0 + 900),
         ("BTCUSDT", 20.0, T0 + 1000),
     ]
-    assert st.fold(ticks) == 0
+    assert st.fold(ticks) == (0, 0)
     b0 = st.buckets[T0 // 1000]
     assert b0[COUNT] == 4 and b0[SUM] == 41.0 and b0[MIN] == 8.0 and b0[MAX] == 12.0
     assert b0[FIRST] == 12.0  # earliest timestamp
@@ -83,7 +83,7 @@ def test_pruned_minutes_make_older_ticks_late() -> None:
     ms.take_minutes(None)
     ms.prune(T0 // 1000 + 200)
     assert not st.buckets
-    assert st.fold([("BTCUSDT", 1.0, T0 + 5)]) == 1
+    assert st.fold([("BTCUSDT", 1.0, T0 + 5)]) == (1, 0)
 
 
 def test_flush_plan_has_changed_seconds_only_then_everything_after_rewrite() -> None:

@@ -1,13 +1,14 @@
-"""A `Service` built on in-memory fakes for API tests: never run, marked ready by hand."""
+"""A `Node` built on in-memory fakes for API tests: never run, marked ready by hand."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from marketflow.app import build_node
 from marketflow.config import Config
 from marketflow.models import Bucket, Key, LatestPrice, MinuteRow
+from marketflow.node import Node
 from marketflow.ports import FlushPlan
-from marketflow.service import Service
 from marketflow.store.memory import MemoryAggregateStore
 
 MINUTE = 29_927_441
@@ -44,6 +45,9 @@ class ListJournal:
     def batches(self) -> Iterable[list[MinuteRow]]:
         return list(self.items)
 
+    def read_from(self, offset: int) -> Iterable[tuple[int, list[MinuteRow]]]:
+        return [(i + 1, batch) for i, batch in enumerate(self.items) if i >= offset]
+
     def truncate(self) -> None:
         self.items.clear()
 
@@ -51,20 +55,20 @@ class ListJournal:
         return sum(len(b) for b in self.items)
 
 
-def make_service(config: Config, *, ready: bool = True) -> Service:
-    service = Service(
+def make_node(config: Config, *, ready: bool = True) -> Node:
+    node = build_node(
         config,
         price_store=NullPriceStore(),
         aggregate_store=MemoryAggregateStore(),
         query_store=MemoryAggregateStore(),
         journal=ListJournal(),
+        probes=False,
         clock=lambda: NOW,
     )
-    if ready:
-        service.ready.set()
-    state = service.state
+    node.ingest.running = ready  # as if restored and started
+    state = node.state
     for i, source in enumerate(("test-exchange1", "test-exchange2", "exchange1")):
         state.key(source, "BTCUSDT").fold(
             [("BTCUSDT", 100.0 + i, NOW_MS - 5_000 + i), ("BTCUSDT", 101.0 + i, NOW_MS - 1_000 + i)]
         )
-    return service
+    return node

@@ -1,0 +1,175 @@
+"""The ingest side of a node: restore, the pipeline, the Redis flusher and the minute aggregator.
+
+Task tree (`Ingest.run`, inside the node's nursery):
+
+    Ingest.run
+    ├── restore            once, before anything else; cancelled if the node stops meanwhile
+    ├── RedisFlusher.run   every flush_interval_ms: one pipelined call via trio.to_thread
+    ├── aggregator scope   a cancel scope of its own: closed minutes -> PostgreSQL / journal
+    └── Pipeline.run       the fan-in channel, the distributor, the worker nursery, and a nursery
+                           per source (reader or generator) inside the current mode's cancel scope
+
+Shutdown, in a shielded scope with `shutdown_timeout_s` as deadline: stop the sources, let the
+workers drain every batch already read, cancel the aggregator's scope and wait for it (a write in
+progress finishes; rows not confirmed are marked dirty again), flush Redis once more, then write
+every changed minute — the open ones too — and replay what the journal still holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+
+from marketflow.aggregation import Aggregator
+from marketflow.config import Config
+from marketflow.flusher import RedisFlusher
+from marketflow.health import StoreHealth
+from marketflow.metrics import Metrics
+from marketflow.pipeline import Pipeline
+from marketflow.ports import AggregateStore, Journal, PriceStore
+from marketflow.restore import Restored, restore
+from marketflow.state import MarketState
+
+log = logging.getLogger("marketflow.ingest")
+
+
+class Ingest:
+    """Owns the write path of one process: sources to state, state to Redis and PostgreSQL."""
+
+    def __init__(
+        self,
+        config: Config,
+        state: MarketState,
+        metrics: Metrics,
+        *,
+        price_store: PriceStore,
+        aggregate_store: AggregateStore,
+        journal: Journal,
+        redis_health: StoreHealth,
+        postgres_health: StoreHealth,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        app = config.app
+        self.config = config
+        self.state = state
+        self.clock = clock
+        self.price_store = price_store
+        self.aggregate_store = aggregate_store
+        self.postgres_health = postgres_health
+        self.pipeline = Pipeline(config, state, metrics=metrics, clock=clock)
+        self.flusher = RedisFlusher(
+            state,
+            price_store,
+            redis_health,
+            metrics,
+            interval_s=app.flush_interval_ms / 1000,
+            clock=clock,
+        )
+        self.aggregator = Aggregator(
+            state,
+            aggregate_store,
+            journal,
+            postgres_health,
+            metrics,
+            grace_ms=app.grace_ms,
+            batch_size=app.db_batch_size,
+            pending_rows_max=app.pending_rows_max,
+            clock=clock,
+        )
+        self.restored: Restored | None = None
+        self.running = False
+        self.finished = trio.Event()
+
+    async def run(
+        self, stopping: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Restore, start the task tree, report started, and run until `stopping`; then shut
+        down in order (module docstring). Reports started also when `stopping` comes first."""
+        try:
+            with trio.CancelScope() as starting:
+                async with trio.open_nursery() as watch:
+                    watch.start_soon(_cancel_when, stopping, starting)
+                    await self._restore()
+                    watch.cancel_scope.cancel()
+            if starting.cancelled_caught:
+                log.info("stopped before the restore completed; nothing was written")
+                task_status.started()
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.flusher.run)
+                aggregator = trio.CancelScope()
+                aggregator_done = trio.Event()
+                nursery.start_soon(self._aggregate, aggregator, aggregator_done)
+                await nursery.start(self.pipeline.run)
+                self.running = True
+                task_status.started()
+                await stopping.wait()
+                await self._shutdown(aggregator, aggregator_done)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.running = False
+            self.finished.set()
+
+    async def _restore(self) -> None:
+        config = self.config
+        keys = [(s, sym) for s in config.all_sources for sym in config.app.symbols]
+        await self.aggregator.open_journal()
+        self.restored = await restore(
+            self.state,
+            keys,
+            now_s=int(self.clock()),
+            window_seconds=config.app.window_seconds,
+            price_store=self.price_store,
+            aggregate_store=self.aggregate_store,
+            replay_journal=lambda: self.aggregator.replay_if_due(force=True),
+            postgres_health=self.postgres_health,
+            redis_limiter=self.flusher.limiter,
+            postgres_limiter=self.aggregator.limiter,
+        )
+
+    async def _aggregate(self, scope: trio.CancelScope, done: trio.Event) -> None:
+        with scope:
+            try:
+                await self.aggregator.run()
+            finally:
+                done.set()
+
+    async def _shutdown(self, aggregator: trio.CancelScope, aggregator_done: trio.Event) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.config.app.shutdown_timeout_s
+            log.info("shutting down: draining pipeline")
+            self.pipeline.stop()
+            await self.pipeline.drained.wait()
+            aggregator.cancel()
+            await aggregator_done.wait()
+            await self.flusher.flush(force=True)
+            await self.aggregator.flush_all()
+            log.info(
+                "shutdown complete",
+                extra={
+                    "ctx": {
+                        "updates_total": self.state.updates_total,
+                        "journaled_rows": self.aggregator.journaled_rows,
+                    }
+                },
+            )
+        if scope.cancelled_caught:
+            log.error("shutdown deadline passed; some state was not flushed")
+
+    def pipeline_json(self) -> dict[str, int]:
+        """The /health `pipeline` object."""
+        return {
+            "queue_depth": self.pipeline.queue_depth,
+            "updates_total": self.state.updates_total,
+            "pending_rows": self.aggregator.pending_rows,
+            "late": self.state.late,
+            "refused": self.state.refused,
+        }
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
