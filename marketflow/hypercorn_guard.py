@@ -1,4 +1,5 @@
-"""Keep one bad HTTP connection from stopping Hypercorn's whole Trio server.
+"""Keep one bad HTTP connection from stopping Hypercorn's whole Trio server, and a closed one
+from lingering.
 
 Hypercorn 0.18 runs each connection's `TCPServer.run` in the server's handler nursery and lets
 any exception other than OSError escape from it; Trio then cancels the nursery and the server
@@ -23,12 +24,25 @@ _GUARDED = "_marketflow_guarded"
 
 
 def guard_hypercorn_connections() -> None:
-    """Wrap `hypercorn.trio.tcp_server.TCPServer.run` once per process (idempotent)."""
+    """Wrap `hypercorn.trio.tcp_server.TCPServer.run` and `_read_data` once per process
+    (idempotent)."""
     from hypercorn.trio.tcp_server import TCPServer
 
     original: Callable[[Any], Coroutine[Any, Any, None]] = TCPServer.run
     if getattr(original, _GUARDED, False):
         return
+    read_data: Callable[[Any], Coroutine[Any, Any, None]] = TCPServer._read_data
+
+    async def _read_data(self: Any) -> None:
+        """When the client closes an idle keep-alive connection, Hypercorn 0.18 (trio) leaves
+        the connection's keep-alive timer running, and the connection's task group waits for it:
+        the socket stays in CLOSE-WAIT for `keep_alive_timeout` (30 s). A client polling with a
+        new connection per request piled up one socket per request (tests/faults/test_http.py).
+        Once reading has ended, nothing is left for the timer to guard: stop it."""
+        try:
+            await read_data(self)
+        finally:
+            await self.idle_task.stop()
 
     async def run(self: Any) -> None:
         try:
@@ -42,6 +56,7 @@ def guard_hypercorn_connections() -> None:
 
     setattr(run, _GUARDED, True)
     TCPServer.run = run  # type: ignore[method-assign]
+    TCPServer._read_data = _read_data  # type: ignore[method-assign]
 
 
 def _first_leaf(exc: BaseException) -> BaseException:

@@ -185,7 +185,7 @@ class Marketflow(Process):
             if self.proc.poll() is not None:
                 raise AssertionError(f"marketflow exited {self.proc.returncode}: {self.output}")
             body = self.client.get("/health").json()
-            return body if "mode" in body else None
+            return body if body.get("status") not in (None, "starting") else None
 
         return dict(wait_for(ready, timeout, "marketflow /health"))
 

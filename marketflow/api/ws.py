@@ -24,6 +24,7 @@ from quart import Response, websocket
 from quart.wrappers.base import ClientDisconnectedError
 from quart_trio import QuartTrio
 from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import HTTPException
 
 from marketflow.api.routes import NodeRef
 from marketflow.broadcast import (
@@ -133,6 +134,13 @@ def register(app: QuartTrio, config: Config, ref: NodeRef) -> None:
     @app.errorhandler(NotReady)
     async def not_ready(exc: NotReady) -> Response:
         return Response(b'{"error":"marketflow is starting"}', 503, content_type="application/json")
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        """A WebSocket upgrade to a path that has no WebSocket route: its 404 (or 405) in JSON."""
+        status = exc.code or 400
+        body = orjson.dumps({"error": "not found" if status == 404 else (exc.name or "refused")})
+        return Response(body, status, content_type="application/json")
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from tests.e2e.conftest import Factory, base_config
-from tests.procs import PYTHON, Marketflow, free_port, wait_for, write_config
+from tests.procs import PYTHON, Marketflow, TcpProxy, free_port, wait_for, write_config
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -84,31 +84,41 @@ def test_hypercorn_command_runs_the_pipeline_in_the_lifespan(
         mf.close()
 
 
-def test_starts_and_answers_health_with_both_stores_unreachable(marketflow: Factory) -> None:
-    dead_pg, dead_redis = free_port(), free_port()
-    started = time.monotonic()
-    mf = marketflow({"postgres": {"port": dead_pg}, "redis": {"port": dead_redis}})
-    assert time.monotonic() - started < 15
-    health = wait_for(
-        lambda: (
-            (h := mf.health())["postgres"]["status"] == "down"
-            and h["redis"]["status"] == "down"
-            and h
-        ),
-        5,
-        "both stores reported down",
-    )
-    response = mf.get("/health")
-    assert response.status_code == 503
-    assert health["status"] == "degraded"
-    assert health["redis"]["error"] and health["postgres"]["error"]
-    # Still ingesting from the generator, in memory.
-    wait_for(lambda: mf.health()["pipeline"]["updates_total"] > 100, 10, "ingest goes on")
-    wait_for(lambda: mf.health()["uptime_s"] >= 6, 15, "six seconds of retries")
-    warnings = [ln for ln in mf.lines if "level=warning" in ln]
-    assert "Traceback" not in mf.output
-    # One clear line per retry period, not one per attempt: the flusher tries every 100 ms with
-    # backoff and the probe every second, yet each store logs only a couple of lines here.
-    for store in ("redis", "postgres"):
-        lines = [ln for ln in warnings if f"logger=marketflow.{store}" in ln or f"{store} " in ln]
-        assert 1 <= len(lines) <= 4, "\n".join(warnings)
+def test_with_postgres_unreachable_at_start_it_waits_says_so_then_resumes(
+    marketflow: Factory, dbname: str
+) -> None:
+    """No source starts before the stored rows of the open minutes are read (a minute resumed
+    without its row would later be overwritten with fewer ticks): /health says `starting`
+    (503) with PostgreSQL's error, /health/ready is 503, one clear line per retry period; once
+    PostgreSQL answers, the node restores and ingests. Redis unreachable does not hold it."""
+    proxy = TcpProxy(5432)
+    proxy.cut()
+    dead_redis = free_port()
+    try:
+        started = time.monotonic()
+        mf = marketflow(
+            {"postgres": {"port": proxy.port}, "redis": {"port": dead_redis}}, wait_ready=False
+        )
+        health = wait_for(
+            lambda: (h := mf.health())["postgres"]["error"] and h, 10, "postgres error shown"
+        )
+        assert time.monotonic() - started < 15
+        response = mf.get("/health")
+        assert response.status_code == 503 and health["status"] == "starting"
+        assert health["role"] == "all" and health["instance"]
+        assert health["pipeline"]["updates_total"] == 0
+        assert mf.get("/health/ready").status_code == 503
+        assert mf.get("/prices/latest/BTCUSDT").status_code == 503
+        wait_for(lambda: mf.health()["uptime_s"] >= 5, 15, "five seconds of retries")
+        waits = [ln for ln in mf.lines if "waiting for postgres" in ln]
+        assert 1 <= len(waits) <= 6, "\n".join(waits)
+        assert mf.health()["pipeline"]["updates_total"] == 0  # still nothing ingested
+        proxy.restore()
+        wait_for(lambda: mf.health()["pipeline"]["updates_total"] > 100, 15, "ingesting")
+        assert mf.get("/health/ready").status_code == 200
+        health = mf.health()
+        assert health["status"] == "degraded" and health["redis"]["status"] == "down"
+        assert health["postgres"]["status"] == "ok"
+        assert "Traceback" not in mf.output
+    finally:
+        proxy.close()

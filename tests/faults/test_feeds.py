@@ -148,22 +148,30 @@ def test_burst_of_ten_and_a_hundred_times_the_normal_rate_loses_nothing(
 def test_clock_skewed_ticks_are_refused_and_ticks_within_skew_land_in_their_minute(
     rig: Rig, figures: dict[str, Any]
 ) -> None:
-    skew_s = 120
+    skew_s = 120  # behind the wall clock
+    future_s = 5  # ahead of it: a tick from the future must not win "newest" for minutes
     scripted = rig.own(ScriptedFeed())
     steady = rig.counting_feeds(2, NORMAL)
-    mf = rig.start(rig.config([scripted, *steady], {"max_clock_skew_s": skew_s}))
+    mf = rig.start(
+        rig.config(
+            [scripted, *steady],
+            {"max_clock_skew_s": skew_s, "max_future_skew_ms": future_s * 1000},
+        )
+    )
     scripted.wait_client()
     now = int(time.time() * 1000)
     within = [
         ("BTCUSDT", 100.0, now - 100_000),
         ("BTCUSDT", 101.0, now - 61_000),
         ("ETHUSDT", 3000.0, now - 30_000),
-        ("ETHUSDT", 3001.0, now + 30_000),
-        ("SOLUSDT", 200.0, now + 100_000),
+        ("ETHUSDT", 3001.0, now + 3_000),
+        ("SOLUSDT", 200.0, now + 4_000),
     ]
     beyond = [
         ("BTCUSDT", 1.0, now - (skew_s + 30) * 1000),
         ("BTCUSDT", 2.0, now + (skew_s + 30) * 1000),
+        ("SOLUSDT", 2.5, now + 30_000),  # within the past limit, beyond the future one
+        ("SOLUSDT", 2.6, now + 119_000),
         ("ETHUSDT", 3.0, now - 3_600_000),
         ("ETHUSDT", 4.0, now + 86_400_000),
         ("SOLUSDT", 5.0, 0),
@@ -197,7 +205,7 @@ def test_clock_skewed_ticks_are_refused_and_ticks_within_skew_land_in_their_minu
     stored = sum(rig.pg_ticks().values())
     assert stored == total
     figures.update(
-        scenario=f"Clock-skewed ticks (+-{skew_s} s allowed): {len(beyond)} beyond, "
+        scenario=f"Clock-skewed ticks (-{skew_s} s / +{future_s} s allowed): {len(beyond)} beyond, "
         f"{len(within)} within",
         ticks_sent=sent,
         ticks_accepted=total,

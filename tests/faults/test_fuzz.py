@@ -227,7 +227,7 @@ def test_api_validators_refuse_with_400_or_404_only(name: str, periods: list[str
         assert period.seconds is None or 0 < period.seconds <= CATALOG.max_period_s
 
 
-# --- the app through Quart's test client ------------------------------------------------------
+# --- the production ASGI app (the route table, Quart-Trio behind it) --------------------------
 
 TOKEN = "fuzz-admin-token"
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,10 @@ from tests.procs import (
     Process,
     RawFeed,
     ScriptedFeed,
+    TcpProxy,
     free_port,
+    postgres_database,
+    redis_prefix,
     wait_for,
     write_config,
 )
@@ -38,17 +42,23 @@ REDIS_PASSWORD = "R3dis-Passw0rd-Lm44t"
 SECRETS = (TOKEN, PG_PASSWORD, REDIS_PASSWORD)
 
 
-def isolated(tmp: Path, **tables: dict[str, Any]) -> dict[str, Any]:
-    """A config whose stores are unreachable (nothing listens on their ports), test mode."""
-    config: dict[str, Any] = {
-        "http": {},
-        "postgres": {"port": free_port()},
-        "redis": {"port": free_port()},
-        "app": {"data_dir": str(tmp / "data")},
-    }
-    for table, values in tables.items():
-        config.setdefault(table, {}).update(values)
-    return config
+@pytest.fixture
+def isolated(tmp_path: Path) -> Iterator[Callable[..., dict[str, Any]]]:
+    """Configs on this test's own database and key prefix (dropped afterwards), test mode."""
+    with postgres_database() as dbname, redis_prefix() as prefix:
+
+        def config(tmp: Path, **tables: dict[str, Any]) -> dict[str, Any]:
+            out: dict[str, Any] = {
+                "http": {},
+                "postgres": {"dbname": dbname},
+                "redis": {"key_prefix": prefix},
+                "app": {"data_dir": str(tmp / "data")},
+            }
+            for table, values in tables.items():
+                out.setdefault(table, {}).update(values)
+            return out
+
+        yield config
 
 
 @pytest.fixture
@@ -73,7 +83,9 @@ def post(mf: Marketflow, path: str, **kw: Any) -> httpx.Response:
 # --- the admin token ---------------------------------------------------------------------------
 
 
-def test_admin_token_guards_mode_switches_and_nothing_else(tmp_path: Path, started: Any) -> None:
+def test_admin_token_guards_mode_switches_and_nothing_else(
+    tmp_path: Path, started: Any, isolated: Any
+) -> None:
     mf = started(isolated(tmp_path, http={"admin_token": TOKEN}))
     refused = [
         {},
@@ -128,7 +140,9 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-def test_the_default_config_listens_on_loopback_only(tmp_path: Path, started: Any) -> None:
+def test_the_default_config_listens_on_loopback_only(
+    tmp_path: Path, started: Any, isolated: Any
+) -> None:
     config = isolated(tmp_path)
     assert "host" not in config["http"]
     mf = started(config)
@@ -168,16 +182,19 @@ def private_redis_with_another_password(port: int) -> Process:
     ids=["marketflow-logfmt", "hypercorn-json"],
 )
 def test_secrets_never_appear_in_logs_error_bodies_or_health(
-    tmp_path: Path, started: Any, launcher: str, log_format: str
+    tmp_path: Path, started: Any, isolated: Any, launcher: str, log_format: str
 ) -> None:
     redis_port = free_port()
     redis_server = private_redis_with_another_password(redis_port)
     feed = RawFeed()
+    # PostgreSQL (trust auth: the password is sent and ignored) behind a proxy, cut once the
+    # restore has read it, so its errors appear too.
+    proxy = TcpProxy(5432)
     try:
         config = isolated(
             tmp_path,
             http={"admin_token": TOKEN},
-            postgres={"password": PG_PASSWORD},
+            postgres={"password": PG_PASSWORD, "port": proxy.port},
             redis={"password": REDIS_PASSWORD, "port": redis_port},
             log={"level": "debug", "format": log_format},
         )
@@ -189,6 +206,7 @@ def test_secrets_never_appear_in_logs_error_bodies_or_health(
             command = [hypercorn, "--worker-class", "trio", "--bind", f"127.0.0.1:{port}"]
             command.append("marketflow.asgi:create_app()")
         mf = started(config, command=command)
+        proxy.cut()
         health = wait_for(
             lambda: (h := mf.health())["redis"]["error"] and h["postgres"]["error"] and h,
             10,
@@ -225,6 +243,7 @@ def test_secrets_never_appear_in_logs_error_bodies_or_health(
     finally:
         redis_server.close()
         feed.close()
+        proxy.close()
     assert health["redis"]["error"] and health["postgres"]["error"]
     rejected = [line for line in mf.lines if "feed line rejected" in line]
     assert rejected and "***" in rejected[0], rejected
@@ -239,7 +258,9 @@ def test_secrets_never_appear_in_logs_error_bodies_or_health(
 # --- bounded bodies and headers ----------------------------------------------------------------
 
 
-def test_request_bodies_and_headers_are_bounded(tmp_path: Path, started: Any) -> None:
+def test_request_bodies_and_headers_are_bounded(
+    tmp_path: Path, started: Any, isolated: Any
+) -> None:
     mf = started(isolated(tmp_path))
     response = post(mf, "/mode/live", content=b"x" * 1_000_000)
     assert response.status_code == 413
@@ -317,7 +338,8 @@ def test_config_with_unsafe_names_is_refused(tmp_path: Path, config: dict[str, A
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
 
 
-KEY_RE = re.compile(r"^(latest|window):\{[A-Za-z0-9_-]{1,32}:[A-Z0-9]{2,20}\}$")
+# Data keys carry a validated source and symbol; the health probe's key is a constant.
+KEY_RE = re.compile(r"^(latest|window):\{[A-Za-z0-9_-]{1,32}:[A-Z0-9]{2,20}\}$|^health:probe$")
 
 
 def test_redis_keys_come_only_from_validated_names(rig: Rig) -> None:
@@ -399,7 +421,7 @@ UPGRADE_WITH_TRAILING_BYTES = (
 
 
 def test_a_malformed_websocket_upgrade_does_not_stop_the_server(
-    tmp_path: Path, started: Any
+    tmp_path: Path, started: Any, isolated: Any
 ) -> None:
     """Before marketflow/hypercorn_guard.py, the first such request ended the process (exit 1)."""
     mf = started(isolated(tmp_path))
@@ -412,7 +434,9 @@ def test_a_malformed_websocket_upgrade_does_not_stop_the_server(
     wait_for(lambda: mf.health()["pipeline"]["updates_total"] > ticks, 5, "ingest goes on")
 
 
-def test_a_malformed_websocket_upgrade_logs_no_traceback(tmp_path: Path, started: Any) -> None:
+def test_a_malformed_websocket_upgrade_logs_no_traceback(
+    tmp_path: Path, started: Any, isolated: Any
+) -> None:
     mf = started(isolated(tmp_path))
     raw_status(mf.port, UPGRADE_WITH_TRAILING_BYTES)
     wait_for(lambda: mf.get("/health").status_code in (200, 503), 5, "answering")
