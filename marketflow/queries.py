@@ -45,10 +45,14 @@ class QueryError(Exception):
 
 
 def _echo(text: str) -> str:
-    """A refused input, shortened and quoted, safe to put in an error message or a log line."""
-    if len(text) > _ECHO_CHARS:
-        return repr(text[:_ECHO_CHARS] + "…")
-    return repr(text)
+    """A refused input, shortened and quoted, safe to put in an error message or a log line.
+
+    Bounded after quoting too: repr() writes a control or astral character as up to ten
+    characters, so 40 of them could make a 400-character message (found by the fuzz suite)."""
+    shown = repr(text[:_ECHO_CHARS] + "…") if len(text) > _ECHO_CHARS else repr(text)
+    if len(shown) > 2 * _ECHO_CHARS:
+        shown = shown[: 2 * _ECHO_CHARS] + "…"
+    return shown
 
 
 # --- names and periods -------------------------------------------------------------------------
