@@ -181,6 +181,24 @@ def create_app(config: Config, *, service: Service | None) -> QuartTrio:
             }
         )
 
+    @app.get("/")
+    @app.get("/assets/<path:name>")
+    async def dashboard(name: str = "") -> Response:
+        """Temporary: the route table will call `marketflow.dashboard.respond` directly."""
+        from marketflow.dashboard import respond
+
+        reply = respond(
+            request.path,
+            host=request.headers.get("Host"),
+            if_none_match=request.headers.get("If-None-Match"),
+            accept_encoding=request.headers.get("Accept-Encoding"),
+        )
+        if reply is None:
+            raise ClientError(404, "not found")
+        headers = dict(reply.headers)
+        content_type = headers.pop("Content-Type", None)
+        return Response(reply.body, reply.status, headers, content_type=content_type)
+
     register_routes(app, config)
     return app
 
