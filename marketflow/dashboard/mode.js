@@ -9,11 +9,18 @@ export class ModeControl {
     this.mode = null;
     this.sources = [];
     this.busy = false;
+    this.pending = null;
     button.addEventListener('click', () => this.switchMode());
     cancel.addEventListener('click', () => this.dialog.close('cancel'));
   }
 
-  async refresh() {
+  /** GET /mode; calls made while one is in flight share it. */
+  refresh() {
+    this.pending ??= this.fetchMode().finally(() => { this.pending = null; });
+    return this.pending;
+  }
+
+  async fetchMode() {
     try {
       const response = await fetch('/mode', { cache: 'no-store' });
       if (!response.ok) return;

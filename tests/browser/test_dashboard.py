@@ -143,6 +143,12 @@ def test_phone_screen_has_no_horizontal_scroll_and_controls_take_the_keyboard(
         " document.body.scrollWidth]"
     )
     assert widths[0] <= widths[1] and widths[2] <= widths[1], widths
+    # Nor inside: no board card or table needs scrolling sideways either.
+    inner = page.evaluate(
+        "() => [...document.querySelectorAll('.card, .table-wrap')]"
+        ".map((e) => e.scrollWidth - e.clientWidth)"
+    )
+    assert inner and max(inner) <= 0, inner
 
     # Tab walks through every control, and the focused one is outlined.
     reached: list[str] = []

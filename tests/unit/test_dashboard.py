@@ -124,6 +124,10 @@ def test_every_module_the_page_imports_is_served(packaged: Path) -> None:
         for name in re.findall(r"from '\./([\w.]+)'", script.read_text()):
             assert (packaged / name).is_file(), (script.name, name)
             assert board.respond(f"/assets/{name}") is not None, (script.name, name)
+    # Each imported module is preloaded by the page, so they load in one round, not a chain.
+    index = (packaged / "index.html").read_text()
+    preloaded = set(re.findall(r'<link rel="modulepreload" href="/assets/([\w.]+)">', index))
+    assert preloaded == {p.name for p in packaged.glob("*.js")} - {"app.js"}
 
 
 def test_revalidation_answers_304_and_gzip_when_accepted(packaged: Path) -> None:
