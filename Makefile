@@ -63,8 +63,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # wrk (the HTTP load generator of benchmarks/bench_api.py) comes from apt when it is missing,
-# py-spy (its profiles) from PyPI into the venv.
-bench: $(STAMP)
+# py-spy (its profiles) from PyPI into the venv; chromium (the dashboard's figures) as for tests.
+bench: $(STAMP) $(VENDOR_STAMP) browser
 	@command -v wrk >/dev/null 2>&1 || { \
 		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q wrk; }

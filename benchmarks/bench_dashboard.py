@@ -9,7 +9,7 @@ a fresh browser context (empty cache) and reads the browser's own Performance AP
   bodies uncompressed (`decodedBodySize`); the WebSocket's frames are not counted;
 - time to first price: from the start of navigation to the first price drawn on the board
   (the page's `first-price` performance mark), which includes loading the modules, opening
-  the WebSocket, its snapshot and the first animation frame;
+  the WebSocket (`ws-open`), its snapshot (`first-frame`) and the first animation frame;
 - a reload in the same context: what revalidation (304 answers) still costs.
 Printed: the median and the worst of the loads.
 """
@@ -29,6 +29,8 @@ READ = """() => {
                    ...performance.getEntriesByType('resource')];
   return {
     first_price_ms: performance.getEntriesByName('first-price')[0]?.startTime ?? null,
+    ws_open_ms: performance.getEntriesByName('ws-open')[0]?.startTime ?? null,
+    first_frame_ms: performance.getEntriesByName('first-frame')[0]?.startTime ?? null,
     dom_content_loaded_ms: performance.getEntriesByType('navigation')[0].domContentLoadedEventEnd,
     transferred: entries.reduce((n, e) => n + e.transferSize, 0),
     decoded: entries.reduce((n, e) => n + e.decodedBodySize, 0),
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         reload_first_price_ms_median=rounded(
             statistics.median(r["reload"]["first_price_ms"] for r in runs), 0
         ),
+        ws_open_ms_median=rounded(statistics.median(r["ws_open_ms"] for r in runs), 0),
+        first_frame_ms_median=rounded(statistics.median(r["first_frame_ms"] for r in runs), 0),
         dom_content_loaded_ms_median=rounded(
             statistics.median(r["dom_content_loaded_ms"] for r in runs), 0
         ),

@@ -48,12 +48,19 @@ const stream = new PriceStream(`${protocol}//${location.host}/ws/prices`, {
   onFrame,
   onState: showConnection,
   onOpen: () => {
+    markOnce('ws-open');
     mode.refresh();
     chart.reload(); // candles formed while we were away
   },
 });
 
+/** User Timing marks for benchmarks/bench_dashboard.py: where the time to first price goes. */
+function markOnce(name) {
+  if (!performance.getEntriesByName(name).length) performance.mark(name);
+}
+
 function onFrame(message) {
+  markOnce('first-frame');
   switch (message.type) {
     case 'snapshot': {
       const data = Array.isArray(message.data) ? message.data : [];
