@@ -14,6 +14,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_wheel_ships_migrations_openapi_and_the_dashboard(tmp_path: Path) -> None:
+    # Built from a copy of what a checkout holds: an in-tree build would reuse a stale build/
+    # (which kept vendor/ after it was deleted) and leave one behind.
+    source = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, source / name)
+    for folder in ("marketflow", "sql"):
+        shutil.copytree(
+            REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
     subprocess.run(
         [
             sys.executable,
@@ -24,7 +34,7 @@ def test_wheel_ships_migrations_openapi_and_the_dashboard(tmp_path: Path) -> Non
             "-q",
             "-w",
             str(tmp_path),
-            str(REPO),
+            str(source),
         ],
         check=True,
         capture_output=True,
