@@ -78,12 +78,18 @@ class Request:
                 return value
         return None
 
+    def header_text(self, name: bytes) -> str | None:
+        value = self.header(name)
+        return None if value is None else value.decode("latin-1")
+
 
 @attrs.frozen(slots=True)
 class Reply:
+    """An answer; `content_type` None leaves the header out (a 304), `headers` are extra."""
+
     status: int
     body: bytes
-    content_type: bytes = JSON
+    content_type: bytes | None = JSON
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
@@ -204,7 +210,11 @@ class HttpApp:
                 "type": "http.response.start",
                 "status": reply.status,
                 "headers": [
-                    (b"content-type", reply.content_type),
+                    *(
+                        ()
+                        if reply.content_type is None
+                        else [(b"content-type", reply.content_type)]
+                    ),
                     (b"content-length", str(len(reply.body)).encode()),
                     (b"x-request-id", request_id.encode()),
                     *reply.headers,

@@ -14,7 +14,7 @@ from typing import Final
 
 import orjson
 
-from marketflow import queries
+from marketflow import dashboard, queries
 from marketflow.api.http import HttpError, Reply, Request, Route, json_reply
 from marketflow.config import Config
 from marketflow.logs import bind
@@ -124,6 +124,20 @@ def build_routes(config: Config, ref: NodeRef) -> list[Route]:
     async def openapi(req: Request) -> Reply:
         return Reply(200, document)
 
+    async def dashboard_file(req: Request) -> Reply:
+        found = dashboard.respond(
+            req.path,
+            host=req.header_text(b"host"),
+            if_none_match=req.header_text(b"if-none-match"),
+            accept_encoding=req.header_text(b"accept-encoding"),
+        )
+        if found is None:
+            raise HttpError(404, "not found")
+        headers = [(k.lower().encode(), v.encode("latin-1")) for k, v in found.headers]
+        content_type = dict(headers).pop(b"content-type", None)
+        extra = tuple(h for h in headers if h[0] != b"content-type")
+        return Reply(found.status, found.body, content_type, extra)
+
     return [
         Route("GET", "/prices/latest/{exchange}/{symbol}", latest_for_source),
         Route("GET", "/prices/latest/{symbol}", latest_across),
@@ -135,4 +149,7 @@ def build_routes(config: Config, ref: NodeRef) -> list[Route]:
         Route("GET", "/mode", get_mode),
         Route("POST", "/mode/{name}", set_mode),
         Route("GET", "/openapi.json", openapi),
+        Route("GET", "/", dashboard_file),
+        Route("GET", "/assets/{name}", dashboard_file),
+        Route("GET", "/assets/vendor/{name}", dashboard_file),
     ]

@@ -232,7 +232,7 @@ def test_api_validators_refuse_with_400_or_404_only(name: str, periods: list[str
 TOKEN = "fuzz-admin-token"
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 ROOTS = ["/prices/latest", "/prices/highest", "/prices/lowest", "/prices/average", "/mode"]
-ROOTS += ["/health", "/metrics", "/openapi.json", "/ws/prices", "", "/x"]
+ROOTS += ["/health", "/metrics", "/openapi.json", "/ws/prices", "/assets", "", "/x"]
 APP_CONFIG = build_config({"http": {"admin_token": TOKEN}})
 
 

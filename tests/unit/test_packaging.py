@@ -13,7 +13,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_wheel_ships_migrations_and_openapi(tmp_path: Path) -> None:
+def test_wheel_ships_migrations_openapi_and_the_dashboard(tmp_path: Path) -> None:
+    # Built from a copy of what a checkout holds: an in-tree build would reuse a stale build/
+    # (which kept vendor/ after it was deleted) and leave one behind.
+    source = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, source / name)
+    for folder in ("marketflow", "sql"):
+        shutil.copytree(
+            REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
     subprocess.run(
         [
             sys.executable,
@@ -24,7 +34,7 @@ def test_wheel_ships_migrations_and_openapi(tmp_path: Path) -> None:
             "-q",
             "-w",
             str(tmp_path),
-            str(REPO),
+            str(source),
         ],
         check=True,
         capture_output=True,
@@ -36,6 +46,15 @@ def test_wheel_ships_migrations_and_openapi(tmp_path: Path) -> None:
     assert sql and sql[0].endswith("0001_aggregates.sql")
     assert "marketflow/api/openapi.json" in names
     assert not any(n.startswith("tests/") for n in names)
+    # The dashboard's own files, and the chart library exactly when `npm ci` put it in vendor/
+    # (git-ignored, yet shipped): a plain checkout's wheel serves the page without it.
+    own = ["index.html", "style.css", "app.js", "board.js", "chart.js", "stream.js"]
+    assert {f"marketflow/dashboard/{name}" for name in own} <= set(names)
+    vendor = REPO / "marketflow" / "dashboard" / "vendor"
+    library = "marketflow/dashboard/vendor/lightweight-charts.mjs"
+    assert (library in names) == (vendor / "lightweight-charts.mjs").is_file()
+    assert ("marketflow/dashboard/vendor/LICENSE" in names) == (vendor / "LICENSE").is_file()
+    assert "marketflow/dashboard/vendor/.installed" not in names
 
 
 def test_compose_file_is_valid_and_binds_all_interfaces_explicitly() -> None:
