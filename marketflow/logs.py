@@ -105,10 +105,6 @@ def bind(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
-def current_context() -> Mapping[str, Any]:
-    return _context.get()
-
-
 def log_event(
     logger: logging.Logger,
     level: int | str,
@@ -313,51 +309,6 @@ class RateLimiter:
             del self._state[key]
         while len(self._state) >= self._max_keys:
             del self._state[next(iter(self._state))]
-
-
-class RateLimitedLogger:
-    """Logs an event at most once per interval per key, adding `suppressed=N` when N were dropped.
-
-    `log.warning("feed.bad_line", key=("bad_line", source), reason=..., excerpt=...)`; the key
-    defaults to the event name.
-    """
-
-    def __init__(
-        self,
-        logger: logging.Logger,
-        interval_s: float,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.logger = logger
-        self.limiter = RateLimiter(interval_s, clock=clock)
-
-    def log(
-        self,
-        level: int | str,
-        event: str,
-        *,
-        key: Hashable = None,
-        exc_info: BaseException | bool | None = None,
-        **fields: Any,
-    ) -> bool:
-        """Log unless rate-limited; True when a line was written (or would be at this level)."""
-        limit_key = event if key is None else key
-        if not self.limiter.allow(limit_key):
-            return False
-        dropped = self.limiter.suppressed(limit_key)
-        if dropped:
-            fields["suppressed"] = dropped
-        levelno = _levelno(level) if isinstance(level, str) else level
-        if self.logger.isEnabledFor(levelno):
-            self.logger.log(levelno, event, exc_info=exc_info, extra={"ctx": fields}, stacklevel=2)
-        return True
-
-    def warning(self, event: str, *, key: Hashable = None, **fields: Any) -> bool:
-        return self.log(logging.WARNING, event, key=key, **fields)
-
-    def info(self, event: str, *, key: Hashable = None, **fields: Any) -> bool:
-        return self.log(logging.INFO, event, key=key, **fields)
 
 
 _shared_limiters: dict[float, RateLimiter] = {}

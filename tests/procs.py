@@ -73,6 +73,17 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process: the developer's own marketflow settings
+    (`MARKETFLOW_*`, `DB_HOST`, `REDIS_HOST`) never leak into a test's process."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MARKETFLOW_") and k not in ("DB_HOST", "REDIS_HOST")
+    }
+    return {**base, **(extra or {})}
+
+
 class Process:
     """A child process whose output is collected in the background."""
 
@@ -84,7 +95,7 @@ class Process:
             args,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env=child_environment(env),
             cwd=cwd,
             text=True,
             bufsize=1,
@@ -170,6 +181,12 @@ class Marketflow(Process):
         command: list[str] | None = None,
     ) -> None:
         self.port = config.setdefault("http", {}).setdefault("port", free_port())
+        # Never the default feed ports (40101-40103): a developer's `marketflow simulate` may
+        # be listening there. These free ports have nothing behind them.
+        config.setdefault(
+            "exchanges",
+            [{"name": f"exchange{i}", "host": "127.0.0.1", "port": free_port()} for i in (1, 2, 3)],
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         path = write_config(tmp / f"config-{uuid.uuid4().hex[:6]}.toml", config)
         cmd = command or [PYTHON, "-m", "marketflow", "--config", str(path)]

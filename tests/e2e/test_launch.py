@@ -9,12 +9,25 @@ import time
 from pathlib import Path
 
 from tests.e2e.conftest import Factory, base_config
-from tests.procs import PYTHON, Marketflow, TcpProxy, free_port, wait_for, write_config
+from tests.procs import (
+    PYTHON,
+    Marketflow,
+    TcpProxy,
+    child_environment,
+    free_port,
+    wait_for,
+    write_config,
+)
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PYTHON, "-m", "marketflow", *args], capture_output=True, text=True, timeout=30, cwd=cwd
+        [PYTHON, "-m", "marketflow", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+        env=child_environment(),
     )
 
 

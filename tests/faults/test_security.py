@@ -29,6 +29,7 @@ from tests.procs import (
     RawFeed,
     ScriptedFeed,
     TcpProxy,
+    child_environment,
     free_port,
     postgres_database,
     redis_prefix,
@@ -300,7 +301,12 @@ def test_request_bodies_and_headers_are_bounded(
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PYTHON, "-m", "marketflow", *args], capture_output=True, text=True, timeout=30, cwd=cwd
+        [PYTHON, "-m", "marketflow", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+        env=child_environment(),
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import trio
 
 from marketflow.generator import BASE_PRICES
 from marketflow.simulator import main, serve_simulator
+from tests.procs import child_environment
 
 SYMBOLS = ["BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT"]
 REPO = Path(__file__).resolve().parents[2]
@@ -181,7 +181,7 @@ def _python(*args: str) -> list[str]:
 @asynccontextmanager
 async def child(cmd: list[str]) -> AsyncIterator[trio.Process]:
     """A child process with stdout piped; killed and reaped whatever happens."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_environment({"PYTHONPATH": str(REPO)})
     proc = await trio.lowlevel.open_process(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, env=env
     )

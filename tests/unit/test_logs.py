@@ -16,7 +16,6 @@ import trio
 
 from marketflow.logs import (
     LogFormatter,
-    RateLimitedLogger,
     RateLimiter,
     bind,
     configure_logging,
@@ -389,19 +388,6 @@ def test_rate_limiter_memory_is_bounded() -> None:
     for i in range(1000):
         assert limiter.allow(i)
     assert len(limiter._state) <= 100
-
-
-def test_rate_limited_logger_prints_one_line_per_period_with_suppressed(logfmt: Capture) -> None:
-    clock = FakeClock()
-    limited = RateLimitedLogger(logfmt.logger, 10.0, clock=clock)
-    for n in range(25):
-        clock.now += 1.0
-        limited.warning("feed.bad_line", key=("bad_line", "ex1"), reason="malformed", n=n)
-    lines = logfmt.lines()
-    assert len(lines) == 3
-    assert lines[0].endswith("reason=malformed n=0")
-    assert lines[1].endswith("reason=malformed n=10 suppressed=9")
-    assert lines[2].endswith("reason=malformed n=20 suppressed=9")
 
 
 def test_shared_rate_limited_helper() -> None:
