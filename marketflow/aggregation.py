@@ -23,7 +23,7 @@ from marketflow.backoff import Backoff
 from marketflow.health import StoreHealth, describe
 from marketflow.logs import rate_limited
 from marketflow.metrics import Metrics
-from marketflow.models import MinuteRow
+from marketflow.models import Key, MinuteRow
 from marketflow.ports import AggregateStore, Journal
 from marketflow.state import MarketState
 
@@ -64,7 +64,9 @@ class Aggregator:
         self._backoff = Backoff(1.0, retry_cap_s)
         self._retry_at = 0.0
         self.journaled_rows = 0  # rows waiting in the journal (mirrors len(journal))
-        self.oldest_journaled_ms: int | None = None  # oldest minute in the journal, if any
+        # Per key, the oldest minute (ms) in the journal: not in PostgreSQL yet, and pruned from
+        # memory once it leaves the window, so a read of it must wait (503), not omit it.
+        self.journaled_from: dict[Key, int] = {}
         self.unwritable_rows = 0  # rows neither PostgreSQL nor the journal took: held in memory
         self._replayed_to = 0  # byte offset of the journal prefix already committed
 
@@ -159,9 +161,10 @@ class Aggregator:
                 )
             return False
         self.journaled_rows += len(batch)
-        oldest = min(row.minute for row in batch)
-        if self.oldest_journaled_ms is None or oldest < self.oldest_journaled_ms:
-            self.oldest_journaled_ms = oldest
+        for row in batch:
+            key = (row.exchange, row.symbol)
+            if row.minute < self.journaled_from.get(key, row.minute + 1):
+                self.journaled_from[key] = row.minute
         return True
 
     def _replay_chunk(self, deadline: float) -> tuple[int, bool]:
@@ -214,7 +217,7 @@ class Aggregator:
             if finished:
                 log.info("journal replayed into postgres", extra={"ctx": {"rows": replayed}})
                 self.journaled_rows = 0
-                self.oldest_journaled_ms = None
+                self.journaled_from.clear()
                 self._backoff.reset()
                 return True
             if trio.current_time() >= deadline:

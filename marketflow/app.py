@@ -19,13 +19,16 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from marketflow.config import Config
+from marketflow.coordination import Coordinator
 from marketflow.health import StoreHealth
 from marketflow.hypercorn_guard import guard_hypercorn_connections
 from marketflow.ingest import Ingest
 from marketflow.metrics import Metrics
 from marketflow.minute_reader import MinuteReader
-from marketflow.node import Node
-from marketflow.ports import AggregateStore, Journal, PriceStore
+from marketflow.mirror import Mirror
+from marketflow.models import Mode
+from marketflow.node import Node, Probe, Role, new_instance_id
+from marketflow.ports import AggregateStore, Journal, LiveStore, PriceStore
 from marketflow.state import MarketState
 
 log = logging.getLogger("marketflow")
@@ -38,16 +41,20 @@ def build_node(
     aggregate_store: AggregateStore | None = None,
     query_store: AggregateStore | None = None,
     journal: Journal | None = None,
+    live_store: LiveStore | None = None,
     probes: bool = True,
     clock: Callable[[], float] = time.time,
 ) -> Node:
-    """A node for `config` on the real stores; tests pass fakes for any of them (and
-    `probes=False` to run without the probe connections)."""
+    """A node for `config` and its role on the real stores; tests pass fakes for any of them
+    (with `probes=False` to run without the probe connections; without a `live_store` and
+    with a fake price store, nothing is shared through Redis)."""
     from marketflow.store.journal import FileJournal
     from marketflow.store.postgres import PostgresAggregateStore
     from marketflow.store.redis import RedisPriceStore
 
     app = config.app
+    role: Role = app.role  # type: ignore[assignment]  # checked by config.validate
+    instance = new_instance_id()
 
     def redis_store() -> RedisPriceStore:
         return RedisPriceStore(
@@ -58,9 +65,44 @@ def build_node(
     metrics = Metrics()
     redis_health = StoreHealth("redis")
     postgres_health = StoreHealth("postgres")
+    reader = query_store or PostgresAggregateStore(config.postgres, migrate=False)
+    closers: list[Callable[[], None]] = [reader.close]
+    # Status, mode and control: a connection of their own, never behind a flush.
+    live: LiveStore | None = live_store
+    if live is None and price_store is None:
+        live = redis_store()
+    if live is not None and live_store is None:
+        closers.append(live.close)
+    checks: list[Probe] = []
+    keys = [(s, sym) for s in config.all_sources for sym in app.symbols]
+
+    if role == "api":
+        assert live is not None, "an api process needs Redis"
+        mirror = Mirror(state, live, redis_health, keys, mode=Mode(app.mode))
+        minutes = MinuteReader(
+            reader, postgres_health, unwritten_from=lambda key: mirror.oldest_unwritten_ms()
+        )
+        if probes:  # an api process judges the stores by reads
+            checks.append((postgres_health, reader.ping, None))
+        return Node(
+            config,
+            role=role,
+            instance=instance,
+            state=state,
+            metrics=metrics,
+            minutes=minutes,
+            redis_health=redis_health,
+            postgres_health=postgres_health,
+            mirror=mirror,
+            live=live,
+            probes=checks,
+            closers=closers,
+            clock=clock,
+        )
+
     writer = price_store or redis_store()
     aggregates = aggregate_store or PostgresAggregateStore(config.postgres)
-    reader = query_store or PostgresAggregateStore(config.postgres, migrate=False)
+    closers += [writer.close, aggregates.close]
     ingest = Ingest(
         config,
         state,
@@ -70,10 +112,9 @@ def build_node(
         journal=journal or FileJournal(Path(app.data_dir) / "journal.ndjson"),
         redis_health=redis_health,
         postgres_health=postgres_health,
+        instance=instance,
         clock=clock,
     )
-    closers = [writer.close, aggregates.close, reader.close]
-    checks = []
     if probes:
         redis_probe = redis_store()
         postgres_probe = PostgresAggregateStore(config.postgres, migrate=False)
@@ -82,18 +123,30 @@ def build_node(
             (redis_health, redis_probe.probe_write, None),
             (postgres_health, postgres_probe.probe_write, ingest.aggregator.retry_soon),
         ]
-    return Node(
+    node = Node(
         config,
+        role=role,
+        instance=instance,
         state=state,
         metrics=metrics,
-        ingest=ingest,
-        minutes=MinuteReader(reader, postgres_health),
+        minutes=MinuteReader(reader, postgres_health, unwritten_from=ingest.unwritten_from),
         redis_health=redis_health,
         postgres_health=postgres_health,
+        ingest=ingest,
+        live=live,
         probes=checks,
         closers=closers,
         clock=clock,
     )
+    if live is not None:
+        ingest.coordinator = Coordinator(
+            live,
+            instance,
+            status=node.status_body,
+            mode=lambda: ingest.pipeline.mode,
+            switch=ingest.switch_mode,
+        )
+    return node
 
 
 def hypercorn_config(config: Config) -> HypercornConfig:

@@ -15,6 +15,7 @@ and its sender serialises its own frame. A client whose buffer has waited for mo
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final
@@ -162,7 +163,12 @@ class PriceHub:
         all_sources: Sequence[str],
         interval_s: float,
         max_lag_s: float,
+        fresh_ms: int | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.fresh_ms = fresh_ms  # a latest price older than this is left out of snapshots
+        self.clock = clock
+        self._wake = trio.Event()  # poked: the state changed (a mirror applied an update)
         self.state = state
         self.current_sources = current_sources
         self.symbols = list(symbols)
@@ -195,10 +201,17 @@ class PriceHub:
         self.clients.discard(client)
         client.close(code, reason)
 
+    def poke(self) -> None:
+        """Publish now rather than at the next interval: a mirror calls this when an update
+        arrived, so frames leave as soon as the data does (each client still gets at most one
+        `prices` frame per interval: its sender paces it)."""
+        self._wake.set()
+
     def close_all(self, code: int, reason: str) -> None:
         """Close every client and end `run()`; clients added later are closed at once."""
         self.stopped = True
         self._halt.set()
+        self._wake.set()
         for client in list(self.clients):
             self.drop(client, code, reason)
 
@@ -216,11 +229,12 @@ class PriceHub:
             else [s for s in self.symbols if s in client.symbols]
         )
         keys = self.state.keys
+        oldest = -1 if self.fresh_ms is None else int(self.clock() * 1000) - self.fresh_ms
         data = [
             entry(source, symbol, st.latest_price, st.latest_ts)
             for source in sources
             for symbol in symbols
-            if (st := keys.get((source, symbol))) is not None and st.latest_ts >= 0
+            if (st := keys.get((source, symbol))) is not None and st.latest_ts >= max(oldest, 0)
         ]
         return frame("snapshot", data)
 
@@ -306,9 +320,10 @@ class PriceHub:
                 task_status.started()
                 while not self.stopped:
                     started = trio.current_time()
+                    self._wake = trio.Event()
                     self.publish(started)
                     with trio.move_on_at(started + self.interval_s):
-                        await self._halt.wait()
+                        await self._wake.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self.running = False

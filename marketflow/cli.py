@@ -1,4 +1,5 @@
-"""Command line: `marketflow [--port N] [--config PATH] [--mode live|test]`, `marketflow simulate`.
+"""Command line: `marketflow [--port N] [--config PATH] [--mode live|test] [--role R]`,
+`marketflow simulate`.
 
 Exit codes: 0 clean shutdown, 1 start-up failure (e.g. port in use), 2 bad arguments or config.
 """
@@ -18,7 +19,7 @@ import trio
 from marketflow import __version__
 from marketflow.config import ConfigError, config_path, load_config
 
-USAGE = """marketflow [--port <N>] [--config <path>] [--mode live|test]
+USAGE = """marketflow [--port <N>] [--config <path>] [--mode live|test] [--role all|ingest|api]
        marketflow simulate [--ports 40101,40102,40103] [--rate N] [--seed S]"""
 
 
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=_port, help="HTTP port (overrides [http].port)")
     parser.add_argument("--config", metavar="PATH", help="config file (TOML)")
     parser.add_argument("--mode", choices=("live", "test"), help="data mode at start")
+    parser.add_argument(
+        "--role",
+        choices=("all", "ingest", "api"),
+        help="all: one process does everything (default); ingest: sources to Redis and "
+        "PostgreSQL; api: answers from Redis and PostgreSQL",
+    )
     parser.add_argument("--version", action="version", version=f"marketflow {__version__}")
     return parser
 
@@ -67,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags.setdefault("http", {})["port"] = args.port
     if args.mode is not None:
         flags.setdefault("app", {})["mode"] = args.mode
+    if args.role is not None:
+        flags.setdefault("app", {})["role"] = args.role
     try:
         config = load_config(config_path(args.config, os.environ), flags=flags)
     except ConfigError as exc:

@@ -76,6 +76,7 @@ class TestConfig:
 @attrs.frozen
 class AppConfig:
     mode: str = "test"
+    role: str = "all"
     symbols: list[str] = attrs.Factory(lambda: list(DEFAULT_SYMBOLS))
     workers_per_exchange: int = 5
     db_batch_size: int = 200
@@ -256,6 +257,8 @@ def validate(config: Config) -> None:
     app = config.app
     if app.mode not in ("live", "test"):
         raise ConfigError(f"app.mode: must be 'live' or 'test', got {app.mode!r}")
+    if app.role not in ("all", "ingest", "api"):
+        raise ConfigError(f"app.role: must be 'all', 'ingest' or 'api', got {app.role!r}")
     if not app.symbols:
         raise ConfigError("app.symbols: at least one symbol is needed")
     for symbol in app.symbols:

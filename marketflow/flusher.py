@@ -8,10 +8,12 @@ import logging
 import time
 from collections.abc import Callable
 
+import attrs
 import trio
 
 from marketflow.backoff import Backoff
 from marketflow.health import StoreHealth, describe
+from marketflow.live import encode_update
 from marketflow.metrics import Metrics
 from marketflow.ports import FlushPlan, PriceStore
 from marketflow.state import MarketState
@@ -24,6 +26,10 @@ class RedisFlusher:
 
     While Redis is down, state keeps accumulating in memory and retries back off; once a write
     succeeds again, the whole retained state is rewritten (Redis may have lost everything).
+
+    Each flush that changed anything also publishes one `updates` message (live.py) in the same
+    pipelined round: what changed, as full current values, for the processes that mirror the
+    state. A full rewrite publishes `resync` instead, and readers re-read the keys.
     """
 
     def __init__(
@@ -34,8 +40,13 @@ class RedisFlusher:
         metrics: Metrics,
         *,
         interval_s: float,
+        instance: str = "local",
+        mode: Callable[[], str] = lambda: "test",
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.instance = instance
+        self.mode = mode
+        self.seq = 0  # of the last `updates` message (attempted: a failed round leaves a gap)
         self.state = state
         self.store = store
         self.health = health
@@ -63,6 +74,8 @@ class RedisFlusher:
         plan = self.state.take_flush(int(self.clock()))
         if plan is None:
             return True
+        self.seq += 1
+        plan = attrs.evolve(plan, message=self.message(plan))
         started = time.perf_counter()
         try:
             await trio.to_thread.run_sync(self.store.write, plan, limiter=self.limiter)
@@ -90,8 +103,26 @@ class RedisFlusher:
         self.health.wrote()
         return True
 
+    def message(self, plan: FlushPlan) -> bytes:
+        """The `updates` message announcing `plan` (pure apart from the sequence number)."""
+        if plan.rewrite:
+            return encode_update(
+                instance=self.instance, seq=self.seq, mode=self.mode(), resync=True
+            )
+        return encode_update(
+            instance=self.instance,
+            seq=self.seq,
+            mode=self.mode(),
+            latest=[((p.source, p.symbol), p.price, p.ts) for p in plan.latest],
+            buckets=[(key, sec, b) for key, seconds in plan.buckets.items() for sec, b in seconds],
+            meta=plan.meta,
+        )
+
 
 def plan_commands(plan: FlushPlan) -> int:
     """Redis commands a flush plan costs (for the metric that shows Redis stays flat)."""
     seconds = sum(len(v) for v in plan.buckets.values())
-    return 2 * len(plan.latest) + 2 * seconds + 2 * len(plan.touched)
+    rewrite = len(plan.touched) if plan.rewrite else 0
+    published = 1 if plan.message is not None else 0
+    metas = 2 * len(plan.meta) + len({*plan.touched, *((m.source, m.symbol) for m in plan.meta)})
+    return 2 * len(plan.latest) + 2 * seconds + 2 * len(plan.touched) + rewrite + metas + published

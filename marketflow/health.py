@@ -22,6 +22,7 @@ import attrs
 import trio
 
 from marketflow.logs import rate_limited
+from marketflow.models import SourceStats
 
 PROBE_INTERVAL_S = 1.0
 
@@ -72,6 +73,21 @@ class StoreHealth:
             "latency_ms": self.latency_ms,
             "error": self.error,
         }
+
+
+def source_json(stats: SourceStats, now: float | None) -> dict[str, Any]:
+    """One source in /health; `now` is Trio's clock (None outside Trio: no age)."""
+    age = None
+    if stats.last_message_at is not None and now is not None:
+        age = int((now - stats.last_message_at) * 1000)
+    return {
+        "status": stats.status.value,
+        "last_message_age_ms": age,
+        "messages": stats.messages,
+        "rejected": stats.rejected,
+        "rejected_by_reason": dict(stats.rejected_by_reason),
+        "reconnects": stats.reconnects,
+    }
 
 
 def describe(exc: BaseException) -> str:

@@ -20,14 +20,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
 from marketflow.aggregation import Aggregator
 from marketflow.config import Config
+from marketflow.coordination import Coordinator
 from marketflow.flusher import RedisFlusher
 from marketflow.health import StoreHealth
 from marketflow.metrics import Metrics
+from marketflow.models import Key, Mode
 from marketflow.pipeline import Pipeline
 from marketflow.ports import AggregateStore, Journal, PriceStore
 from marketflow.restore import Restored, restore
@@ -50,6 +53,7 @@ class Ingest:
         journal: Journal,
         redis_health: StoreHealth,
         postgres_health: StoreHealth,
+        instance: str = "local",
         clock: Callable[[], float] = time.time,
     ) -> None:
         app = config.app
@@ -66,6 +70,8 @@ class Ingest:
             redis_health,
             metrics,
             interval_s=app.flush_interval_ms / 1000,
+            instance=instance,
+            mode=lambda: self.pipeline.mode.value,
             clock=clock,
         )
         self.aggregator = Aggregator(
@@ -82,6 +88,8 @@ class Ingest:
         self.restored: Restored | None = None
         self.running = False
         self.finished = trio.Event()
+        # Set by the composition root when the process shares its state through Redis.
+        self.coordinator: Coordinator | None = None
 
     async def run(
         self, stopping: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -98,12 +106,16 @@ class Ingest:
                 log.info("stopped before the restore completed; nothing was written")
                 task_status.started()
                 return
+            if self.coordinator is not None:
+                self.pipeline.mode = await self.coordinator.shared_mode(self.pipeline.mode)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.flusher.run)
                 aggregator = trio.CancelScope()
                 aggregator_done = trio.Event()
                 nursery.start_soon(self._aggregate, aggregator, aggregator_done)
                 await nursery.start(self.pipeline.run)
+                if self.coordinator is not None:
+                    nursery.start_soon(self.coordinator.run)
                 self.running = True
                 task_status.started()
                 await stopping.wait()
@@ -158,6 +170,32 @@ class Ingest:
             )
         if scope.cancelled_caught:
             log.error("shutdown deadline passed; some state was not flushed")
+
+    async def switch_mode(self, mode: Mode) -> dict[str, Any]:
+        """Switch this process's sources; the body `POST /mode/*` answers."""
+        previous, changed = await self.pipeline.switch_mode(mode)
+        return {
+            "mode": mode.value,
+            "previous": previous.value,
+            "changed": changed,
+            "sources": self.pipeline.sources(),
+        }
+
+    def oldest_unwritten_ms(self) -> int | None:
+        """The oldest minute not committed to PostgreSQL that readers of Redis cannot see
+        either: journaled (pruned from the window), or held dirty but older than the window
+        Redis keeps (rows that could be written nowhere)."""
+        found = list(self.aggregator.journaled_from.values())
+        dirty = self.state.oldest_dirty_minute()
+        window_start_ms = (int(self.clock()) - self.config.app.window_seconds) * 1000
+        if dirty is not None and dirty * 60_000 < window_start_ms:
+            found.append(dirty * 60_000)
+        return min(found) if found else None
+
+    def unwritten_from(self, key: Key) -> int | None:
+        """For this process's own reads: the oldest journaled minute of `key` (minutes held in
+        memory are answered from memory)."""
+        return self.aggregator.journaled_from.get(key)
 
     def pipeline_json(self) -> dict[str, int]:
         """The /health `pipeline` object."""

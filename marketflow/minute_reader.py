@@ -10,16 +10,16 @@ holds, so they change only when a journal replay commits, and 64 clients asking 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import trio
 
 from marketflow.health import StoreHealth, describe
 from marketflow.logs import rate_limited
-from marketflow.models import RangeStats, StoreRange
+from marketflow.models import Key, MinuteRow, RangeStats, StoreRange
 from marketflow.ports import AggregateStore
-from marketflow.queries import QueryError
+from marketflow.queries import QueryError, rfc3339
 
 log = logging.getLogger("marketflow.queries")
 
@@ -42,11 +42,15 @@ class MinuteReader:
         store: AggregateStore,
         health: StoreHealth,
         *,
+        unwritten_from: Callable[[Key], int | None] = lambda key: None,
         ttl_s: float = 1.0,
         max_entries: int = 256,
     ) -> None:
         self.store = store
         self.health = health
+        # The oldest minute (ms) accepted but not yet committed (another instance's journal, or
+        # this one's): a range reaching it would silently miss that minute, so it is a 503.
+        self.unwritten_from = unwritten_from
         self.limiter = trio.CapacityLimiter(1)  # one connection: one thread at a time
         self.ttl_s = ttl_s
         self.max_entries = max_entries
@@ -59,6 +63,14 @@ class MinuteReader:
         Concurrent identical requests wait for one read; its answer serves for `ttl_s`.
         """
         self._check_up()
+        for r in ranges:
+            unwritten = self.unwritten_from((r.source, r.symbol))
+            if unwritten is not None and r.to_ms > unwritten:
+                raise QueryError(
+                    503,
+                    f"minutes from {rfc3339(unwritten)} are not yet committed to PostgreSQL "
+                    "(it was unreachable); try again shortly or ask for a shorter period",
+                )
         key = tuple(ranges)
         while True:
             cached = self._answers.get(key)
@@ -105,6 +117,22 @@ class MinuteReader:
                     "this whole range",
                 ) from exc
         assert scope.cancelled_caught
+        raise QueryError(503, "PostgreSQL did not answer in time")
+
+    async def latest_rows(self, keys: Sequence[Key]) -> dict[Key, MinuteRow]:
+        """Each key's newest stored minute, in one thread hop; 503 when the store cannot answer."""
+        self._check_up()
+        store = self.store
+
+        def read() -> dict[Key, MinuteRow]:
+            found = {key: store.latest_row(*key) for key in keys}
+            return {key: row for key, row in found.items() if row is not None}
+
+        with trio.move_on_after(QUERY_TIMEOUT_S):
+            try:
+                return await trio.to_thread.run_sync(read, limiter=self.limiter)
+            except Exception as exc:
+                raise QueryError(503, f"PostgreSQL query failed ({type(exc).__name__})") from exc
         raise QueryError(503, "PostgreSQL did not answer in time")
 
     def ping(self) -> float:

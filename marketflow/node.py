@@ -1,12 +1,17 @@
 """One marketflow process — a node — and what the API asks of it (`ports.NodePort`).
 
-The node runs the parts its role needs under one nursery and answers for them: the store
-probes, the WebSocket hub, and the ingest side (restore, pipeline, flusher, aggregator). It is
-also the read port (`ports.MarketView`) the queries answer from: the market state it fills, the
-stored minutes older than that state, and the current mode's sources.
+A node runs the parts its role needs under one nursery and answers for them (contract: roles):
 
-`Node.run` reports started at once, so the HTTP server answers `/health` with `starting` (503)
-while the restore waits; the node is ready once its ingest runs.
+- `all` (the default): the ingest side (restore, pipeline, flusher, aggregator) and the API,
+  answering from the state it ingests into; it needs no Redis to start.
+- `ingest`: the same ingest side, plus /health, /metrics and /mode only.
+- `api`: no sources; the API answers from a mirror of the state kept current from Redis, plus
+  PostgreSQL for older minutes, and from PostgreSQL alone (`"fallback":"postgres"`) while Redis
+  is unreachable.
+
+The node is also the read port (`ports.MarketView`) the queries answer from, whatever fills its
+state. `Node.run` reports started at once, so the HTTP server answers `/health` with `starting`
+(503) while the restore waits.
 """
 
 from __future__ import annotations
@@ -19,22 +24,26 @@ import socket
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
 from marketflow import __version__
 from marketflow.broadcast import PriceHub
 from marketflow.config import Config
-from marketflow.health import StoreHealth, probe_store
+from marketflow.coordination import request_mode
+from marketflow.health import StoreHealth, probe_store, source_json
 from marketflow.ingest import Ingest
 from marketflow.metrics import Metrics
 from marketflow.minute_reader import MinuteReader
+from marketflow.mirror import Mirror
 from marketflow.models import Mode, SourceStatus
+from marketflow.ports import LiveStore
 from marketflow.state import MarketState
 
 log = logging.getLogger("marketflow")
 
+Role = Literal["all", "ingest", "api"]
 Probe = tuple[StoreHealth, Callable[[], float], Callable[[], None] | None]
 
 
@@ -45,35 +54,44 @@ def new_instance_id() -> str:
 
 
 class Node:
-    """Owns the long-lived parts of one process except the HTTP server (see module docstring)."""
+    """Owns the long-lived parts of one process except the HTTP server (see module docstring).
+
+    Exactly one of `ingest` (roles all and ingest) and `mirror` (role api) is set.
+    """
 
     def __init__(
         self,
         config: Config,
         *,
+        role: Role,
+        instance: str,
         state: MarketState,
         metrics: Metrics,
-        ingest: Ingest,
         minutes: MinuteReader,
         redis_health: StoreHealth,
         postgres_health: StoreHealth,
-        probes: list[Probe],
-        closers: list[Callable[[], None]],
+        ingest: Ingest | None = None,
+        mirror: Mirror | None = None,
+        live: LiveStore | None = None,
+        probes: list[Probe] | None = None,
+        closers: list[Callable[[], None]] | None = None,
         clock: Callable[[], float] = time.time,
-        instance: str | None = None,
     ) -> None:
+        assert (ingest is None) != (mirror is None), "a node ingests or mirrors"
         app = config.app
         self.config = config
-        self.role = "all"
-        self.instance = instance or new_instance_id()
+        self.role: Role = role
+        self.instance = instance
         self._state = state
         self._metrics = metrics
         self.ingest = ingest
+        self.mirror = mirror
+        self.live = live
         self.minutes = minutes
         self.redis_health = redis_health
         self.postgres_health = postgres_health
-        self.probes = probes
-        self.closers = closers
+        self.probes = probes or []
+        self.closers = closers or []
         self.clock = clock
         self._hub = PriceHub(
             state,
@@ -82,7 +100,11 @@ class Node:
             all_sources=config.all_sources,
             interval_s=app.ws_min_interval_ms / 1000,
             max_lag_s=app.ws_max_lag_s,
+            fresh_ms=app.redis_ttl_seconds * 1000,
+            clock=clock,
         )
+        if mirror is not None:
+            mirror.on_change = self._hub.poke
         self._stopping = trio.Event()
         self.finished = trio.Event()
         self.started_at = time.monotonic()
@@ -98,8 +120,18 @@ class Node:
     def stored(self) -> MinuteReader:
         return self.minutes
 
+    @property
+    def fallback(self) -> bool:
+        """True while answers come from PostgreSQL alone (role api, Redis unreachable)."""
+        return self.mirror is not None and not self.mirror.current
+
+    @property
+    def fresh_ms(self) -> int:
+        """A latest price older than this (by its timestamp) is no longer current."""
+        return self.config.app.redis_ttl_seconds * 1000
+
     def sources(self) -> list[str]:
-        return self.ingest.pipeline.sources()
+        return self.config.sources_for(self.mode().value)
 
     def now(self) -> float:
         return self.clock()
@@ -119,43 +151,61 @@ class Node:
         return self._stopping
 
     def is_ready(self) -> bool:
-        return self.ingest.running and not self._stopping.is_set()
+        """Can this process serve current data? (/health/ready)"""
+        if self._stopping.is_set():
+            return False
+        if self.ingest is not None:
+            return self.ingest.running
+        assert self.mirror is not None
+        return self.mirror.current or self.postgres_health.up
 
     def mode(self) -> Mode:
-        return self.ingest.pipeline.mode
+        if self.ingest is not None:
+            return self.ingest.pipeline.mode
+        assert self.mirror is not None
+        return self.mirror.mode
 
     async def switch_mode(self, mode: Mode) -> dict[str, Any]:
-        previous, changed = await self.ingest.pipeline.switch_mode(mode)
-        return {
-            "mode": mode.value,
-            "previous": previous.value,
-            "changed": changed,
-            "sources": self.sources(),
-        }
+        if self.ingest is not None:
+            coordinator = self.ingest.coordinator
+            if coordinator is not None:
+                return await coordinator.switch(mode)
+            return await self.ingest.switch_mode(mode)
+        assert self.mirror is not None and self.live is not None
+        instances = list(self.mirror.live_statuses())
+        body = await request_mode(self.live, mode, instances, self.config.all_sources)
+        self.mirror.mode = mode
+        return body
 
     def metrics(self) -> bytes:
         return self._metrics.render()
 
     def health(self) -> dict[str, Any]:
-        """The /health body: `starting` until the ingest runs, then `ok` or `degraded`."""
+        """The /health body (contract: health) for this role."""
+        if self.ingest is not None:
+            return self._ingest_health(self.ingest)
+        assert self.mirror is not None
+        return self._api_health(self.mirror)
+
+    def _base(self, status: str) -> dict[str, Any]:
+        return {
+            "status": status,
+            "role": self.role,
+            "instance": self.instance,
+            "mode": self.mode().value,
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "version": __version__,
+            "postgres": self.postgres_health.as_json(),
+            "redis": self.redis_health.as_json(),
+        }
+
+    def _ingest_health(self, ingest: Ingest) -> dict[str, Any]:
         now = trio.current_time() if _in_trio() else None
-        pipeline = self.ingest.pipeline
+        pipeline = ingest.pipeline
         current = set(pipeline.sources())
-        sources: dict[str, Any] = {}
-        for name, stats in pipeline.stats.items():
-            age = None
-            if stats.last_message_at is not None and now is not None:
-                age = int((now - stats.last_message_at) * 1000)
-            sources[name] = {
-                "status": stats.status.value,
-                "last_message_age_ms": age,
-                "messages": stats.messages,
-                "rejected": stats.rejected,
-                "rejected_by_reason": dict(stats.rejected_by_reason),
-                "reconnects": stats.reconnects,
-            }
-        body_pipeline = self.ingest.pipeline_json()
-        if not self.ingest.running:
+        sources = {name: source_json(stats, now) for name, stats in pipeline.stats.items()}
+        body_pipeline = ingest.pipeline_json()
+        if not ingest.running:
             status = "starting"
         elif (
             not self.redis_health.up
@@ -166,17 +216,53 @@ class Node:
             status = "degraded"
         else:
             status = "ok"
+        return {**self._base(status), "sources": sources, "pipeline": body_pipeline}
+
+    def status_body(self) -> dict[str, Any]:
+        """This ingesting instance's `status:{INSTANCE}` (contract: Redis)."""
+        assert self.ingest is not None
+        health = self._ingest_health(self.ingest)
+        current = set(self.sources())
+        oldest = self.ingest.oldest_unwritten_ms()
         return {
-            "status": status,
-            "role": self.role,
             "instance": self.instance,
-            "mode": pipeline.mode.value,
-            "uptime_s": round(time.monotonic() - self.started_at, 3),
-            "version": __version__,
-            "postgres": self.postgres_health.as_json(),
-            "redis": self.redis_health.as_json(),
+            "mode": health["mode"],
+            "sources": {k: v for k, v in health["sources"].items() if k in current},
+            "pipeline": health["pipeline"],
+            "postgres": health["postgres"],
+            "oldest_unwritten_minute": oldest,
+            "at": int(self.clock() * 1000),
+        }
+
+    def _api_health(self, mirror: Mirror) -> dict[str, Any]:
+        statuses = mirror.live_statuses()
+        sources: dict[str, Any] = {}
+        pipeline = {"queue_depth": 0, "updates_total": 0, "pending_rows": 0, "late": 0}
+        ages = []
+        now_ms = int(self.clock() * 1000)
+        for body in statuses.values():
+            sources.update(body.get("sources", {}))
+            for field in pipeline:
+                pipeline[field] += int(body.get("pipeline", {}).get(field, 0))
+            ages.append(now_ms - int(body.get("at", now_ms)))
+        ingest = {
+            "status": "ok" if statuses else "down",
+            "instances": sorted(statuses),
+            "age_ms": min(ages) if ages else None,
+        }
+        current = self.sources()
+        degraded = (
+            not statuses
+            or not self.redis_health.up
+            or not self.postgres_health.up
+            or pipeline["pending_rows"] > 0
+            or any(sources.get(n, {}).get("status") != "connected" for n in current)
+        )
+        return {
+            **self._base("degraded" if degraded else "ok"),
             "sources": sources,
-            "pipeline": body_pipeline,
+            "pipeline": pipeline,
+            "ingest": ingest,
         }
 
     def feed_lag_ms(self) -> dict[str, int | None]:
@@ -200,12 +286,16 @@ class Node:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._hub.run, self._stopping)
                 task_status.started()
-                await nursery.start(self.ingest.run, self._stopping)
+                if self.ingest is not None:
+                    await nursery.start(self.ingest.run, self._stopping)
+                else:
+                    assert self.mirror is not None
+                    nursery.start_soon(self.mirror.run)
                 # After the restore, which creates and migrates the database on first use and
                 # reports PostgreSQL's state itself while it waits.
                 for health, check, on_up in self.probes:
                     nursery.start_soon(partial(probe_store, health, check, on_up=on_up))
-                if self.ingest.running:
+                if not self._stopping.is_set():
                     log.info(
                         "marketflow ready",
                         extra={
@@ -217,7 +307,10 @@ class Node:
                             }
                         },
                     )
-                await self.ingest.finished.wait()
+                if self.ingest is not None:
+                    await self.ingest.finished.wait()
+                else:
+                    await self._stopping.wait()
                 nursery.cancel_scope.cancel()
         finally:
             for close in self.closers:

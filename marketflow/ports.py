@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
+from marketflow.live import KeyMeta
 from marketflow.models import Bucket, Key, LatestPrice, MinuteRow, Mode, RangeStats, StoreRange
 
 if TYPE_CHECKING:
@@ -22,13 +23,18 @@ if TYPE_CHECKING:
 
 @attrs.frozen
 class FlushPlan:
-    """Everything one Redis flush writes: the changed latest prices and changed seconds."""
+    """Everything one Redis flush writes, in one pipelined round: the changed latest prices,
+    changed seconds and key metas, and the `updates` message announcing them."""
 
     latest: list[LatestPrice]
     buckets: dict[Key, list[tuple[int, Bucket]]]
     # Keys whose windows should be trimmed and have their TTL refreshed.
     touched: list[Key]
     now_s: int
+    meta: list[KeyMeta] = attrs.Factory(list)
+    # The windows of `touched` are replaced whole (deleted first): after a restore or an outage.
+    rewrite: bool = False
+    message: bytes | None = None  # published on the `updates` channel in the same round
 
 
 class PriceStore(Protocol):
@@ -45,6 +51,48 @@ class PriceStore(Protocol):
     def ping(self) -> float:
         """Round-trip time in ms; raises on failure."""
         ...
+
+    def close(self) -> None: ...
+
+
+class Subscription(Protocol):
+    """Messages of the channels subscribed to, on a connection of their own (blocking)."""
+
+    def drain(self, timeout_s: float) -> list[bytes]:
+        """Wait up to `timeout_s` for a message, then take every one already there."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LiveStore(Protocol):
+    """What processes share through Redis besides the prices (contract: Redis, roles): the
+    mode, each ingesting instance's status, the `updates` and `control` channels, and a
+    whole-state read for mirrors."""
+
+    @property
+    def updates_channel(self) -> str: ...
+
+    @property
+    def control_channel(self) -> str: ...
+
+    def read_snapshot(
+        self, keys: Sequence[Key]
+    ) -> tuple[dict[Key, list[tuple[int, Bucket]]], dict[Key, LatestPrice], dict[Key, KeyMeta]]: ...
+
+    def get_mode(self) -> str | None: ...
+
+    def set_mode(self, mode: str) -> None: ...
+
+    def write_status(self, instance: str, body: bytes, ttl_ms: int) -> None: ...
+
+    def read_statuses(self) -> list[bytes]: ...
+
+    def publish(self, channel: str, body: bytes) -> int: ...
+
+    def subscribe(self, *channels: str) -> Subscription: ...
+
+    def ping(self) -> float: ...
 
     def close(self) -> None: ...
 
@@ -68,6 +116,10 @@ class AggregateStore(Protocol):
         self, exchange: str, symbol: str, from_ms: int | None, to_ms: int | None
     ) -> RangeStats | None:
         """Count, sum and extremes over minutes in [from_ms, to_ms); None bounds are open."""
+        ...
+
+    def latest_row(self, exchange: str, symbol: str) -> MinuteRow | None:
+        """The newest stored minute of one key."""
         ...
 
     def ping(self) -> float:
@@ -111,6 +163,10 @@ class StoredMinutes(Protocol):
 
     async def range_stats(self, ranges: Sequence[StoreRange]) -> list[RangeStats | None]: ...
 
+    async def latest_rows(self, keys: Sequence[Key]) -> dict[Key, MinuteRow]:
+        """Each key's newest stored minute (the fallback's latest price)."""
+        ...
+
 
 class MarketView(Protocol):
     """The read port (the query context): the market state (ingested here, or mirrored), the
@@ -121,6 +177,16 @@ class MarketView(Protocol):
 
     @property
     def stored(self) -> StoredMinutes: ...
+
+    @property
+    def fallback(self) -> bool:
+        """True while answers come from stored minutes alone (an api process without Redis)."""
+        ...
+
+    @property
+    def fresh_ms(self) -> int:
+        """How long a latest price stays current after its timestamp."""
+        ...
 
     def sources(self) -> list[str]:
         """The current mode's sources, in configured order."""

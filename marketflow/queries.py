@@ -159,9 +159,12 @@ def plan_range(now: float, period: Period, window_seconds: int) -> Plan:
 # --- latest prices -----------------------------------------------------------------------------
 
 
-def latest_entry(state: MarketState, source: str, symbol: str) -> dict[str, Any] | None:
+def latest_entry(
+    state: MarketState, source: str, symbol: str, since_ms: int = -1
+) -> dict[str, Any] | None:
+    """A key's latest price, if it has one stamped at or after `since_ms` (older is stale)."""
     st = state.keys.get((source, symbol))
-    if st is None or st.latest_ts < 0:
+    if st is None or st.latest_ts < 0 or st.latest_ts < since_ms:
         return None
     ts = st.latest_ts
     return {
@@ -173,25 +176,61 @@ def latest_entry(state: MarketState, source: str, symbol: str) -> dict[str, Any]
     }
 
 
-def latest_for_source(state: MarketState, source: str, symbol: str) -> dict[str, Any]:
-    """`GET /prices/latest/{exchange}/{symbol}` for validated names."""
-    entry = latest_entry(state, source, symbol)
+def latest_for_source(
+    state: MarketState, source: str, symbol: str, since_ms: int = -1
+) -> dict[str, Any]:
+    """`GET /prices/latest/{exchange}/{symbol}` for validated names. A price stamped before
+    `since_ms` (now minus `redis_ttl_seconds`) is no longer current: 404, in every role."""
+    entry = latest_entry(state, source, symbol, since_ms)
     if entry is None:
-        raise QueryError(404, f"no price yet for {symbol} on {source}")
+        raise QueryError(404, f"no current price for {symbol} on {source}")
     return entry
 
 
-def latest_across(state: MarketState, sources: Iterable[str], symbol: str) -> dict[str, Any]:
+def latest_across(
+    state: MarketState, sources: Iterable[str], symbol: str, since_ms: int = -1
+) -> dict[str, Any]:
     """`GET /prices/latest/{symbol}`: the freshest (newest timestamp; ties: the first source in
-    configured order) of `sources`, plus each source's own latest under `sources`."""
-    entries = [e for source in sources if (e := latest_entry(state, source, symbol)) is not None]
+    configured order) of `sources` with a current price, plus each such source's own latest
+    under `sources`."""
+    entries = [
+        e for source in sources if (e := latest_entry(state, source, symbol, since_ms)) is not None
+    ]
+    return _freshest(entries, symbol)
+
+
+def _freshest(entries: list[dict[str, Any]], symbol: str) -> dict[str, Any]:
     if not entries:
-        raise QueryError(404, f"no price yet for {symbol} on the current mode's exchanges")
+        raise QueryError(404, f"no current price for {symbol} on the current mode's exchanges")
     best = entries[0]
     for entry in entries[1:]:
         if entry["timestamp"] > best["timestamp"]:
             best = entry
     return {**best, "sources": entries}
+
+
+async def latest_fallback(
+    view: MarketView, sources: Sequence[str], symbol: str, *, across: bool
+) -> dict[str, Any]:
+    """Latest prices while Redis is unreachable (role api): each source's newest stored minute,
+    its close at its close_time, marked `"fallback":"postgres"`."""
+    rows = await view.stored.latest_rows([(source, symbol) for source in sources])
+    entries = [
+        {
+            "symbol": symbol,
+            "exchange": source,
+            "price": row.close,
+            "timestamp": row.close_ms,
+            "time": rfc3339(row.close_ms),
+        }
+        for source in sources
+        if (row := rows.get((source, symbol))) is not None
+    ]
+    if not across:
+        if not entries:
+            raise QueryError(404, f"no stored price for {symbol} on {sources[0]}")
+        return {**entries[0], "fallback": "postgres"}
+    return {**_freshest(entries, symbol), "fallback": "postgres"}
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -256,6 +295,10 @@ async def statistic(
 ) -> dict[str, Any]:
     """Answer one statistic over `sources` (already validated names) per the contract's HTTP API."""
     keys = [(source, symbol) for source in sources]
+    if view.fallback:
+        return await _statistic_from_rows(
+            view, keys, stat=stat, symbol=symbol, label=exchange_label, period=period, now=now
+        )
     plan = plan_range(now, period, window_seconds)
     if plan.resolution == "1s":
         from_s, stats = seconds_stats(view.state, keys, plan)
@@ -282,6 +325,39 @@ async def statistic(
         to_ms=plan.now_ms,
         resolution=plan.resolution,
     )
+
+
+async def _statistic_from_rows(
+    view: MarketView,
+    keys: Sequence[Key],
+    *,
+    stat: Stat,
+    symbol: str,
+    label: str,
+    period: Period,
+    now: float,
+) -> dict[str, Any]:
+    """A statistic while Redis is unreachable (role api): whole minutes from PostgreSQL alone,
+    from the minute holding now-P to the current one, marked `"fallback":"postgres"`."""
+    plan = plan_range(now, period, 0)  # a window of 0: always minutes
+    lo = plan.from_minute
+    to_ms = (plan.to_minute + 1) * 60_000
+    ranges = [StoreRange(k[0], k[1], None if lo is None else lo * 60_000, to_ms) for k in keys]
+    stats = combine_stats(await view.stored.range_stats(ranges))
+    if stats is None or stats.count <= 0:
+        span = "stored history" if period.seconds is None else f"the last {period.text}"
+        raise QueryError(404, f"no stored data for {symbol} on {label} in {span}")
+    answer = stat_answer(
+        stats,
+        stat=stat,
+        symbol=symbol,
+        exchange_label=label,
+        period=period,
+        from_ms=stats.first_ms if lo is None else lo * 60_000,
+        to_ms=plan.now_ms,
+        resolution="1m",
+    )
+    return {**answer, "fallback": "postgres"}
 
 
 def stat_answer(

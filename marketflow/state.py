@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from marketflow.live import KeyMeta
 from marketflow.models import (
     COUNT,
     FIRST,
@@ -39,6 +40,7 @@ class KeyState:
         "latest_dirty",
         "latest_price",
         "latest_ts",
+        "meta_dirty",
         "minute_base",
         "minutes_dirty",
         "redis_dirty",
@@ -58,6 +60,7 @@ class KeyState:
         self.redis_dirty: set[int] = set()
         self.minutes_dirty: set[int] = set()
         self.horizon_s = 0
+        self.meta_dirty = False  # horizon or resumed rows changed since the last flush
 
     def fold(self, ticks: Iterable[Tick], refuse_new_minutes: bool = False) -> tuple[int, int]:
         """Fold ticks in arrival order. Returns (late, refused): ticks too old to be held, and
@@ -150,6 +153,12 @@ class KeyState:
             del self.minute_base[minute]
         self.redis_dirty = {s for s in self.redis_dirty if s >= cutoff_s}
         self.horizon_s = cutoff_s
+        self.meta_dirty = True
+
+    def meta(self) -> KeyMeta:
+        """The key's horizon and resumed rows, as readers of Redis need them."""
+        bases = tuple((m * 60_000, list(b)) for m, b in sorted(self.minute_base.items()))
+        return KeyMeta(self.source, self.symbol, self.horizon_s * 1000, bases)
 
 
 class MarketState:
@@ -176,11 +185,14 @@ class MarketState:
     # --- Redis flush -------------------------------------------------------------------------
 
     def take_flush(self, now_s: int) -> FlushPlan | None:
-        """Copies of what changed since the last flush (everything, after Redis came back)."""
+        """Copies of what changed since the last flush. After a restore or a Redis outage
+        (`redis_rewrite_all`), every key: windows replaced whole, so Redis never keeps a bucket
+        this process does not hold."""
         rewrite = self.redis_rewrite_all
         keep_from = now_s - self.window_seconds
         latest: list[LatestPrice] = []
         buckets: dict[Key, list[tuple[int, Bucket]]] = {}
+        meta: list[KeyMeta] = []
         for key, st in self.keys.items():
             if st.latest_ts >= 0 and (rewrite or st.latest_dirty):
                 latest.append(LatestPrice(st.source, st.symbol, st.latest_price, st.latest_ts))
@@ -190,10 +202,26 @@ class MarketState:
             st.redis_dirty = set()
             if changed:
                 buckets[key] = changed
+            if rewrite or st.meta_dirty:
+                meta.append(st.meta())
+                st.meta_dirty = False
         self.redis_rewrite_all = False
-        if not latest and not buckets:
+        if not latest and not buckets and not meta and not rewrite:
             return None
-        return FlushPlan(latest=latest, buckets=buckets, touched=list(buckets), now_s=now_s)
+        touched = list(self.keys) if rewrite else list(buckets)
+        return FlushPlan(
+            latest=latest, buckets=buckets, touched=touched, now_s=now_s, meta=meta, rewrite=rewrite
+        )
+
+    def oldest_dirty_minute(self) -> int | None:
+        """The oldest minute (number) changed but not yet taken for writing."""
+        oldest = None
+        for st in self.keys.values():
+            if st.minutes_dirty:
+                low = min(st.minutes_dirty)
+                if oldest is None or low < oldest:
+                    oldest = low
+        return oldest
 
     # --- minute aggregates -------------------------------------------------------------------
 

@@ -57,12 +57,19 @@ def build_routes(config: Config, ref: NodeRef) -> list[Route]:
     async def latest_for_source(req: Request) -> Reply:
         source, symbol = catalog.source(req.params[0]), catalog.symbol(req.params[1])
         view = ref.ready().view
-        return json_reply(queries.latest_for_source(view.state, source, symbol))
+        if view.fallback:
+            return json_reply(await queries.latest_fallback(view, [source], symbol, across=False))
+        since = int(view.now() * 1000) - view.fresh_ms
+        return json_reply(queries.latest_for_source(view.state, source, symbol, since))
 
     async def latest_across(req: Request) -> Reply:
         symbol = catalog.symbol(req.params[0])
         view = ref.ready().view
-        return json_reply(queries.latest_across(view.state, view.sources(), symbol))
+        if view.fallback:
+            body = await queries.latest_fallback(view, view.sources(), symbol, across=True)
+            return json_reply(body)
+        since = int(view.now() * 1000) - view.fresh_ms
+        return json_reply(queries.latest_across(view.state, view.sources(), symbol, since))
 
     def statistic(stat: Stat, *, one_source: bool) -> Route:
         async def handler(req: Request) -> Reply:
@@ -138,17 +145,22 @@ def build_routes(config: Config, ref: NodeRef) -> list[Route]:
         extra = tuple(h for h in headers if h[0] != b"content-type")
         return Reply(found.status, found.body, content_type, extra)
 
-    return [
-        Route("GET", "/prices/latest/{exchange}/{symbol}", latest_for_source),
-        Route("GET", "/prices/latest/{symbol}", latest_across),
-        *(statistic(stat, one_source=True) for stat in STATS),
-        *(statistic(stat, one_source=False) for stat in STATS),
+    operations = [
         Route("GET", "/health", health),
         Route("GET", "/health/ready", ready),
         Route("GET", "/metrics", metrics),
         Route("GET", "/mode", get_mode),
         Route("POST", "/mode/{name}", set_mode),
         Route("GET", "/openapi.json", openapi),
+    ]
+    if config.app.role == "ingest":  # an ingest process serves no market data
+        return operations
+    return [
+        *operations,
+        Route("GET", "/prices/latest/{exchange}/{symbol}", latest_for_source),
+        Route("GET", "/prices/latest/{symbol}", latest_across),
+        *(statistic(stat, one_source=True) for stat in STATS),
+        *(statistic(stat, one_source=False) for stat in STATS),
         Route("GET", "/", dashboard_file),
         Route("GET", "/assets/{name}", dashboard_file),
         Route("GET", "/assets/vendor/{name}", dashboard_file),

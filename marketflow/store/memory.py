@@ -44,6 +44,11 @@ class MemoryAggregateStore:
         self._check()
         return self._select(exchange, symbol, from_ms, to_ms)
 
+    def latest_row(self, exchange: str, symbol: str) -> MinuteRow | None:
+        self._check()
+        found = self._select(exchange, symbol, None, None)
+        return found[-1] if found else None
+
     def range_stats(
         self, exchange: str, symbol: str, from_ms: int | None, to_ms: int | None
     ) -> RangeStats | None:

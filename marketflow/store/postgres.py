@@ -75,6 +75,19 @@ SELECT exchange, pair_name, (extract(epoch FROM "timestamp") * 1000)::bigint, ti
  ORDER BY "timestamp"
 """
 
+# The newest minute of one series: the unique index read backwards, one row.
+LATEST_ROW_SQL = """
+SELECT exchange, pair_name, (extract(epoch FROM "timestamp") * 1000)::bigint, tick_count,
+       average_price * tick_count, min_price, max_price, open_price, close_price,
+       (extract(epoch FROM coalesce(open_time, "timestamp")) * 1000)::bigint,
+       (extract(epoch FROM coalesce(close_time, "timestamp" + interval '59.999 seconds'))
+        * 1000)::bigint
+  FROM aggregates
+ WHERE exchange = %(exchange)s AND pair_name = %(symbol)s
+ ORDER BY "timestamp" DESC
+ LIMIT 1
+"""
+
 # Whole hours come from the rollup, the partial hours at either end from the minutes; every
 # branch is an index range scan on one series. Ties on an extreme go to the earliest minute.
 RANGE_STATS_SQL = """
@@ -239,6 +252,13 @@ class PostgresAggregateStore:
         params["to_ms"] = min(to_ms, MAX_MS)
         found = self._call(lambda conn: conn.execute(ROWS_SQL, params).fetchall())
         return [MinuteRow(*row[:9], open_ms=row[9], close_ms=row[10]) for row in found]
+
+    def latest_row(self, exchange: str, symbol: str) -> MinuteRow | None:
+        params = {"exchange": exchange, "symbol": symbol}
+        found = self._call(lambda conn: conn.execute(LATEST_ROW_SQL, params).fetchone())
+        if found is None:
+            return None
+        return MinuteRow(*found[:9], open_ms=found[9], close_ms=found[10])
 
     def range_stats(
         self, exchange: str, symbol: str, from_ms: int | None, to_ms: int | None

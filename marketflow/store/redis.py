@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from marketflow.config import RedisConfig
+from marketflow.live import KeyMeta, meta_fields, meta_from_fields
 from marketflow.models import Bucket, Key, LatestPrice, decode_bucket, encode_bucket
 from marketflow.ports import FlushPlan
 
@@ -44,8 +46,22 @@ class RedisPriceStore:
     def window_key(self, key: Key) -> str:
         return f"{self.prefix}window:{{{key[0]}:{key[1]}}}"
 
+    def meta_key(self, key: Key) -> str:
+        return f"{self.prefix}meta:{{{key[0]}:{key[1]}}}"
+
+    @property
+    def updates_channel(self) -> str:
+        return f"{self.prefix}updates"
+
+    @property
+    def control_channel(self) -> str:
+        return f"{self.prefix}control"
+
     def write(self, plan: FlushPlan) -> None:
         pipe = self._client.pipeline(transaction=False)
+        if plan.rewrite:
+            for key in plan.touched:
+                pipe.delete(self.window_key(key))
         for latest in plan.latest:
             name = self.latest_key((latest.source, latest.symbol))
             pipe.hset(name, mapping={"price": repr(latest.price), "ts": str(latest.ts)})
@@ -61,7 +77,60 @@ class RedisPriceStore:
             name = self.window_key(key)
             pipe.zremrangebyscore(name, "-inf", f"({trim_below + 1}")
             pipe.expire(name, self.window_seconds + 10)
+        for meta in plan.meta:
+            name = self.meta_key((meta.source, meta.symbol))
+            pipe.delete(name)
+            pipe.hset(name, mapping=meta_fields(meta))  # type: ignore[arg-type]
+        for key in {*plan.touched, *((m.source, m.symbol) for m in plan.meta)}:
+            pipe.expire(self.meta_key(key), self.window_seconds + 10)
+        if plan.message is not None:
+            pipe.publish(self.updates_channel, plan.message)
         pipe.execute()
+
+    def read_snapshot(
+        self, keys: Sequence[Key]
+    ) -> tuple[dict[Key, list[tuple[int, Bucket]]], dict[Key, LatestPrice], dict[Key, KeyMeta]]:
+        """Every key's whole window, latest price and meta, in one pipelined round (a mirror's
+        full read)."""
+        windows = self.read_windows(keys, 0)
+        latest = self.read_latest(keys)
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(self.meta_key(key))
+        metas: dict[Key, KeyMeta] = {}
+        for key, fields in zip(keys, pipe.execute(), strict=True):
+            meta = meta_from_fields(key, fields)
+            if meta is not None:
+                metas[key] = meta
+        return windows, latest, metas
+
+    # -- shared mode, instance status, channels ---------------------------------------------
+
+    def get_mode(self) -> str | None:
+        value = self._client.get(f"{self.prefix}mode")
+        return value if value in ("live", "test") else None
+
+    def set_mode(self, mode: str) -> None:
+        self._client.set(f"{self.prefix}mode", mode)
+
+    def write_status(self, instance: str, body: bytes, ttl_ms: int) -> None:
+        self._client.set(f"{self.prefix}status:{instance}", body, px=ttl_ms)
+
+    def read_statuses(self) -> list[bytes]:
+        """Every live instance's status (JSON bytes as written)."""
+        names = list(self._client.scan_iter(match=f"{self.prefix}status:*", count=1000))
+        if not names:
+            return []
+        values = self._client.mget(names)
+        return [v.encode() if isinstance(v, str) else v for v in values if v]
+
+    def publish(self, channel: str, body: bytes) -> int:
+        return int(self._client.publish(channel, body))
+
+    def subscribe(self, *channels: str) -> Subscription:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub.subscribe(*channels)
+        return Subscription(pubsub)
 
     def read_windows(
         self, keys: Sequence[Key], since_s: int
@@ -107,3 +176,24 @@ class RedisPriceStore:
 
     def close(self) -> None:
         self._client.close()
+
+
+class Subscription:
+    """A subscription on its own connection (blocking; one reader thread at a time)."""
+
+    def __init__(self, pubsub: Any) -> None:
+        self._pubsub = pubsub
+
+    def drain(self, timeout_s: float) -> list[bytes]:
+        """Wait up to `timeout_s` for a message, then take every one already there."""
+        out: list[bytes] = []
+        message = self._pubsub.get_message(timeout=timeout_s)
+        while message is not None:
+            if message.get("type") in ("message", "smessage"):
+                data = message["data"]
+                out.append(data.encode() if isinstance(data, str) else data)
+            message = self._pubsub.get_message(timeout=0)
+        return out
+
+    def close(self) -> None:
+        self._pubsub.close()

@@ -50,6 +50,9 @@ class Ctx:
         # ttl 0: every question reaches the store here
         self.stored = MinuteReader(store or MemoryAggregateStore(), self.postgres_health, ttl_s=0.0)
 
+    fallback = False
+    fresh_ms = 70_000
+
     def sources(self) -> list[str]:
         return [A, B]
 

@@ -1,0 +1,219 @@
+"""A read-only mirror of the market state, filled from Redis (role `api`).
+
+The same `MarketState` the ingesting process folds ticks into, filled a second way: every key's
+window, latest price and meta are read once, then each `updates` message is merged — a bucket
+replaced when the message's count is at least the held one (a held second's count only grows),
+a latest price when its timestamp is newer, a key's meta (horizon, resumed rows) replaced whole
+and the buckets below the horizon dropped. A gap in an instance's `seq`, a `resync` message or
+a lost connection makes the mirror read everything again. `queries` answers from it exactly as
+from the ingesting state.
+
+It also follows each ingesting instance's `status:{INSTANCE}` (every second), for /health and
+for the oldest minute not yet committed to PostgreSQL anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import orjson
+import trio
+
+from marketflow.backoff import Backoff
+from marketflow.health import StoreHealth, describe
+from marketflow.live import KeyMeta, Update, decode_update
+from marketflow.logs import rate_limited
+from marketflow.models import COUNT, Bucket, Key, LatestPrice, Mode
+from marketflow.ports import LiveStore
+from marketflow.state import MarketState
+
+log = logging.getLogger("marketflow.mirror")
+
+STATUS_POLL_S: Final = 1.0
+STATUS_FRESH_S: Final = 5.0  # an instance that wrote no status for this long is gone
+
+
+class Mirror:
+    """Owns the mirrored state's freshness: the full reads, the `updates` subscription and the
+    instances' statuses. Runs until cancelled; Redis outages are retried with backoff."""
+
+    def __init__(
+        self,
+        state: MarketState,
+        store: LiveStore,
+        health: StoreHealth,
+        keys: Sequence[Key],
+        *,
+        mode: Mode,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.state = state
+        self.store = store
+        self.health = health
+        self.keys = list(keys)
+        self.mode = mode
+        self.on_change = on_change
+        self.current = False  # subscribed and read: answers are as fresh as the ingest's
+        self.limiter = trio.CapacityLimiter(1)
+        self.statuses: dict[str, tuple[float, dict[str, Any]]] = {}  # instance -> (seen, body)
+        self.reads = 0  # full reads so far (tests and metrics)
+        self._last_seq: dict[str, int] = {}
+
+    # --- what the node reads -------------------------------------------------------------------
+
+    def live_statuses(self) -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        return {
+            instance: body
+            for instance, (seen, body) in self.statuses.items()
+            if now - seen <= STATUS_FRESH_S
+        }
+
+    def oldest_unwritten_ms(self) -> int | None:
+        """The oldest minute an ingesting instance has not committed to PostgreSQL yet."""
+        found = [
+            int(body["oldest_unwritten_minute"])
+            for body in self.live_statuses().values()
+            if body.get("oldest_unwritten_minute") is not None
+        ]
+        return min(found) if found else None
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._follow_statuses)
+            await self._follow_updates()
+
+    async def _follow_updates(self) -> None:
+        backoff = Backoff(0.5, 5.0)
+        while True:
+            try:
+                sub = await trio.to_thread.run_sync(
+                    self.store.subscribe, self.store.updates_channel, limiter=self.limiter
+                )
+            except Exception as exc:
+                self._lost(exc)
+                await trio.sleep(backoff.next())
+                continue
+            try:
+                await self.read_all()
+                backoff.reset()
+                while True:
+                    messages = await trio.to_thread.run_sync(sub.drain, 1.0, abandon_on_cancel=True)
+                    if messages and self.apply_messages(messages):
+                        await self.read_all()
+            except Exception as exc:
+                self._lost(exc)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(sub.close)
+            await trio.sleep(backoff.next())
+
+    def _lost(self, exc: Exception) -> None:
+        if self.current or rate_limited("mirror-lost", 30.0):
+            log.warning(
+                "redis unavailable: answers come from postgres until it returns",
+                extra={"ctx": {"error": describe(exc)}},
+            )
+        self.current = False
+        self.health.down(exc)
+
+    async def read_all(self) -> None:
+        """Replace the mirrored state with a full read of every key (one pipelined round)."""
+        windows, latest, metas = await trio.to_thread.run_sync(
+            self.store.read_snapshot, self.keys, limiter=self.limiter
+        )
+        shared = await trio.to_thread.run_sync(self.store.get_mode, limiter=self.limiter)
+        self.load(windows, latest, metas)
+        if shared is not None:
+            self.mode = Mode(shared)
+        self._last_seq.clear()
+        self.reads += 1
+        if not self.current:
+            log.info("mirror current", extra={"ctx": {"keys": len(windows)}})
+        self.current = True
+        self.health.wrote()
+        self.on_change()
+
+    def load(
+        self,
+        windows: dict[Key, list[tuple[int, Bucket]]],
+        latest: dict[Key, LatestPrice],
+        metas: dict[Key, KeyMeta],
+    ) -> None:
+        """The state becomes exactly what was read (pure)."""
+        for key in self.keys:
+            st = self.state.key(*key)
+            meta = metas.get(key)
+            st.horizon_s = meta.horizon_ms // 1000 if meta is not None else 0
+            st.minute_base = (
+                {minute // 60_000: b for minute, b in meta.bases} if meta is not None else {}
+            )
+            st.buckets = {sec: b for sec, b in windows.get(key, []) if sec >= st.horizon_s}
+            found = latest.get(key)
+            st.latest_price, st.latest_ts = (found.price, found.ts) if found else (0.0, -1)
+
+    def apply_messages(self, raw: list[bytes]) -> bool:
+        """Merge `updates` messages in order; True when the mirror must read everything again
+        (a gap in a sequence, or a writer that rewrote its windows whole)."""
+        resync = False
+        for message in raw:
+            try:
+                update = decode_update(message)
+            except (ValueError, KeyError, TypeError):
+                continue  # not ours
+            last = self._last_seq.get(update.instance)
+            if update.resync or (last is not None and update.seq != last + 1):
+                resync = True
+            self._last_seq[update.instance] = update.seq
+            self.apply(update)
+        self.on_change()
+        return resync
+
+    def apply(self, update: Update) -> None:
+        state = self.state
+        self.mode = Mode(update.mode) if update.mode in ("live", "test") else self.mode
+        for key, price, ts in update.latest:
+            st = state.key(*key)
+            if ts > st.latest_ts:
+                st.latest_price, st.latest_ts = price, ts
+        for key, second, bucket in update.buckets:
+            st = state.key(*key)
+            if second < st.horizon_s:
+                continue
+            held = st.buckets.get(second)
+            if held is None or bucket[COUNT] >= held[COUNT]:
+                st.buckets[second] = bucket
+        for meta in update.meta:
+            st = state.key(meta.source, meta.symbol)
+            horizon_s = meta.horizon_ms // 1000
+            st.minute_base = {minute // 60_000: b for minute, b in meta.bases}
+            if horizon_s > st.horizon_s:
+                for second in [s for s in st.buckets if s < horizon_s]:
+                    del st.buckets[second]
+            st.horizon_s = horizon_s
+
+    async def _follow_statuses(self) -> None:
+        while True:
+            try:
+                raw = await trio.to_thread.run_sync(self.store.read_statuses, limiter=self.limiter)
+            except Exception as exc:
+                if rate_limited("mirror-status", 30.0):
+                    log.warning("statuses unreadable", extra={"ctx": {"error": describe(exc)}})
+            else:
+                now = time.monotonic()
+                for item in raw:
+                    try:
+                        body = orjson.loads(item)
+                        self.statuses[str(body["instance"])] = (now, body)
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                for instance in [
+                    i for i, (seen, _) in self.statuses.items() if now - seen > 4 * STATUS_FRESH_S
+                ]:
+                    del self.statuses[instance]
+            await trio.sleep(STATUS_POLL_S)
