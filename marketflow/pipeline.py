@@ -17,7 +17,7 @@ from contextlib import AsyncExitStack
 import trio
 
 from marketflow.config import Config
-from marketflow.feeds.reader import read_feed
+from marketflow.feeds.sources import read_source
 from marketflow.generator import generate
 from marketflow.logs import rate_limited
 from marketflow.metrics import Metrics
@@ -224,7 +224,7 @@ class Pipeline:
                     if mode is Mode.LIVE:
                         for exchange in self.config.exchanges:
                             await nursery.start(
-                                lambda task_status, ex=exchange: read_feed(
+                                lambda task_status, ex=exchange: read_source(
                                     ex,
                                     self.send_batch,
                                     self.stats[ex.name],
