@@ -19,7 +19,8 @@ make it fall silent down to the WebSocket ping). Each connection:
 
 Faults, per connection (index 0 is the first): `close_after[i]` frames then a close by the
 server, `stall_after[i]` frames then total silence (no data, no pong) with the socket open;
-`inject` puts extra raw frames before a recorded frame index.
+`inject` puts extra raw frames before a recorded frame index; `frames_per_write` sends frames
+in groups of one TCP write each, like a busy venue's.
 
 `recorded_trades(venue)` reads the trades of a recording independently of the code under test
 (Decimal prices, integer-only timestamps) for the tests' expectations.
@@ -32,7 +33,7 @@ import math
 import threading
 import time
 import urllib.parse
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -186,6 +187,8 @@ class _Connection:
         self.lock = trio.Lock()
         self.target = ""
         self._text: list[str] = []
+        self._ready: deque[str | Ping] = deque()
+        self._done = False
 
     async def accept(self) -> bool:
         while True:
@@ -211,6 +214,11 @@ class _Connection:
         if self.open:
             await self._write(self.ws.send(TextMessage(data=text)))
 
+    async def send_many(self, texts: list[str]) -> None:
+        """Several frames in one write, as a busy venue's frames share TCP segments."""
+        if self.open and texts:
+            await self._write(b"".join(self.ws.send(TextMessage(data=t)) for t in texts))
+
     async def ping(self) -> None:
         if self.open:
             await self._write(self.ws.send(Ping(payload=b"srv")))
@@ -223,28 +231,30 @@ class _Connection:
         if self.open:
             await self._write(self.ws.send(CloseConnection(code=code)))
 
-    async def events(self) -> AsyncIterator[str | Ping | None]:
-        """Texts and pings from the client; None when it closed."""
-        while True:
+    async def next_event(self) -> str | Ping | None:
+        """The client's next text or ping; None once it closed."""
+        while not self._ready:
+            if self._done:
+                return None
             data = await self.stream.receive_some(65536)
             if not data:
-                yield None
-                return
+                return None
             self.ws.receive_data(data)
             for event in self.ws.events():
                 if isinstance(event, TextMessage | BytesMessage):
                     part = event.data if isinstance(event.data, str) else event.data.decode()
                     self._text.append(part)
                     if event.message_finished:
-                        yield "".join(self._text)
+                        self._ready.append("".join(self._text))
                         self._text.clear()
                 elif isinstance(event, Ping):
-                    yield event
+                    self._ready.append(event)
                 elif isinstance(event, CloseConnection):
                     if self.ws.state is ConnectionState.REMOTE_CLOSING:
                         await self._write(self.ws.send(event.response()))
-                    yield None
-                    return
+                    self._done = True
+                    break
+        return self._ready.popleft()
 
 
 class VenueServer:
@@ -260,6 +270,7 @@ class VenueServer:
         stall_after: dict[int, int] | None = None,
         inject: dict[int, list[str]] | None = None,
         pace_s: float = 0.0,
+        frames_per_write: int = 1,
         delta_s: int | None = None,
     ) -> None:
         self.venue = venue
@@ -270,12 +281,16 @@ class VenueServer:
         self.stall_after = stall_after or {}
         self.inject = inject or {}
         self.pace_s = pace_s
+        self.frames_per_write = frames_per_write
         self.delta_s = shift_for_now(venue) if delta_s is None else delta_s
         self.port = 0
         self.cursor = 0  # the next recorded frame to replay, across connections
         self.connections = 0
         self.pings = 0  # keep-alive pings received (WebSocket or text)
         self.subscribe_frames: list[str] = []
+        self.connected_at: list[float] = []  # trio.current_time() of each accepted connection
+        self.ended_at: list[float] = []  # when the server closed a connection or fell silent
+        self.replayed_trades = 0  # trades sent again on a resubscription (Coinbase, OKX)
         self.sent_trades: dict[str, list[dict[str, Any]]] = defaultdict(list)  # coinbase
         self.last_trade_frame: dict[str, str] = {}  # okx
         self.exhausted = trio.Event()  # the whole recording was sent
@@ -300,11 +315,11 @@ class VenueServer:
         self.connections += 1
         try:
             async with stream:
-                if not await conn.accept():
-                    return
-                await _Session(self, conn, index).run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+                if await conn.accept():
+                    self.connected_at.append(trio.current_time())
+                    await _Session(self, conn, index).run()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away: its business
 
     # venue rules shared by the sessions
 
@@ -442,11 +457,9 @@ class _Session:
                     self.pairs.add(pair)
             self.subscribed_once.set()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._replay, nursery.cancel_scope)
+            nursery.start_soon(self._replay)
             nursery.start_soon(self._keep_alive)
-            async for event in self.conn.events():
-                if event is None:
-                    break
+            while (event := await self.conn.next_event()) is not None:
                 if self.stalled:
                     continue  # silence: not even a pong
                 self.last_client_frame = trio.current_time()
@@ -513,27 +526,33 @@ class _Session:
                 "sequence_num": 0,
                 "events": [{"type": "snapshot", "trades": recent}],
             }
+            server.replayed_trades += len(recent)
             await self.conn.send(json.dumps(snapshot))
         elif self.venue == "okx" and pair in server.last_trade_frame:
+            server.replayed_trades += 1
             await self.conn.send(server.last_trade_frame[pair])
 
-    async def _replay(self, cancel: trio.CancelScope) -> None:
+    async def _replay(self) -> None:
         server = self.server
         await self.subscribed_once.wait()
-        while trio.current_time() - self.last_subscribe < SETTLE_S:
+        while trio.current_time() < self.last_subscribe + SETTLE_S:  # moved by new subscribes
             await trio.sleep_until(self.last_subscribe + SETTLE_S)
         sent = 0
         close_after = server.close_after.get(self.index)
         stall_after = server.stall_after.get(self.index)
+        pending: list[str] = []  # frames for one write: `frames_per_write` of them
         while server.cursor < len(server.frames):
             if close_after is not None and sent >= close_after:
+                await self.conn.send_many(pending)
+                server.ended_at.append(trio.current_time())
                 await self.conn.close(1001)
                 return
             if stall_after is not None and sent >= stall_after:
+                await self.conn.send_many(pending)
+                server.ended_at.append(trio.current_time())
                 self.stalled = True
                 await trio.sleep_forever()
-            for extra in server.inject.pop(server.cursor, []):
-                await self.conn.send(extra)
+            pending += server.inject.pop(server.cursor, [])
             raw = server.frames[server.cursor]
             server.cursor += 1
             message = json.loads(raw)
@@ -543,10 +562,14 @@ class _Session:
             message = shift_frame(self.venue, message, server.delta_s)
             text = json.dumps(message, separators=(",", ":"))
             self._remember(message, pair, text)
-            await self.conn.send(text)
+            pending.append(text)
             sent += 1
+            if len(pending) >= server.frames_per_write:
+                await self.conn.send_many(pending)
+                pending = []
             if server.pace_s:
                 await trio.sleep(server.pace_s)
+        await self.conn.send_many(pending)
         server.exhausted.set()
 
     def _remember(self, message: Any, pair: str | None, text: str) -> None:

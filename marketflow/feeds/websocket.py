@@ -12,16 +12,16 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+import urllib.parse
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
-    HandshakeError,
     WebSocketConnection,
-    open_websocket_url,
+    wrap_client_stream,
 )
 
 from marketflow.backoff import Backoff
@@ -47,6 +47,25 @@ DRAIN_FRAMES = 256  # frames one receive turn may take: one batch, one channel s
 MIN_PING_S = 1.0  # venues count pings against their message rate limits
 
 _OVERSIZED = "Exceeded maximum message size"  # trio-websocket's own 1009 close reason
+
+
+class Address(NamedTuple):
+    host: str
+    port: int
+    resource: str  # path and query, as the HTTP request names it
+    host_header: str
+
+
+def parse_address(url: str) -> Address:
+    """`wss://ws.okx.com:8443/ws/v5/public` -> where to connect and what to ask for."""
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "wss"
+    host = parts.hostname or ""
+    port = parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    name = f"[{host}]" if ":" in host else host
+    header = name if port == (443 if secure else 80) else f"{name}:{port}"
+    return Address(host, port, resource, header)
 
 
 def venue_pairs(exchange: ExchangeConfig, symbols: Collection[str]) -> dict[str, str]:
@@ -139,6 +158,7 @@ class _Session:
         backoff: Backoff,
     ) -> None:
         self.url = url
+        self.address = parse_address(url)
         self.tls = tls
         self.venue = venue
         self.subscribe_frames = venue.subscribe(list(pairs.values()))
@@ -150,35 +170,64 @@ class _Session:
         self.backoff = backoff
 
     async def run(self, stale_after_s: float) -> tuple[str, bool]:
-        opened = False
-        reason = "closed"
+        """One connection: (why it ended, whether the WebSocket opened).
+
+        This task owns the TCP (or TLS) stream and closes it whatever happens; trio-websocket
+        speaks the protocol on it, its reader task in this task's nursery. (`open_websocket_url`
+        leaves the socket of a connection the server closed to the garbage collector.)
+        """
         try:
-            async with open_websocket_url(
-                self.url,
-                self.tls,
-                message_queue_size=QUEUE_FRAMES,
-                max_message_size=MAX_FRAME_CHARS,
-                connect_timeout=CONNECT_TIMEOUT_S,
-                disconnect_timeout=CLOSE_TIMEOUT_S,
-                receive_buffer_size=RECEIVE_BYTES,
-            ) as ws:
-                opened = True
-                self.stats.status = SourceStatus.CONNECTED
-                log.info(
-                    "feed connected",
-                    extra={"ctx": {"addr": self.url, "keepalive": self.venue.keepalive.rule}},
-                )
-                reason = await self._serve(ws, stale_after_s)
-        except ConnectionRejected as exc:
-            reason = f"handshake refused: HTTP {exc.status_code}"
-        except HandshakeError as exc:
-            # Also a close handshake the server left unanswered: the reason found before stays.
-            if not opened:
-                reason = describe(exc.__cause__ or exc)
-        except (ConnectionClosed, OSError, trio.BrokenResourceError) as exc:
-            if not opened:
-                reason = describe(exc)
+            with trio.fail_after(CONNECT_TIMEOUT_S):
+                stream = await self._connect()
+        except trio.TooSlowError:
+            return f"connect timed out after {CONNECT_TIMEOUT_S:g}s", False
+        except (OSError, trio.BrokenResourceError) as exc:
+            return _connect_error(exc), False
+        opened = False
+        reason = f"handshake timed out after {CONNECT_TIMEOUT_S:g}s"
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(CONNECT_TIMEOUT_S):
+                    ws = await wrap_client_stream(
+                        nursery,
+                        stream,
+                        self.address.host_header,
+                        self.address.resource,
+                        message_queue_size=QUEUE_FRAMES,
+                        max_message_size=MAX_FRAME_CHARS,
+                        receive_buffer_size=RECEIVE_BYTES,
+                    )
+                    opened = True
+                if opened:
+                    self.stats.status = SourceStatus.CONNECTED
+                    log.info(
+                        "feed connected",
+                        extra={"ctx": {"addr": self.url, "keepalive": self.venue.keepalive.rule}},
+                    )
+                    reason = await self._serve(ws, stale_after_s)
+                    with trio.move_on_after(CLOSE_TIMEOUT_S):
+                        await ws.aclose()
+                nursery.cancel_scope.cancel()
+        except* ConnectionRejected as group:
+            rejected = group.exceptions[0]
+            status = rejected.status_code if isinstance(rejected, ConnectionRejected) else "?"
+            reason = f"handshake refused: HTTP {status}"
+        finally:
+            await trio.aclose_forcefully(stream)
         return reason, opened
+
+    async def _connect(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+        address = self.address
+        tcp = await trio.open_tcp_stream(address.host, address.port)
+        if self.tls is None:
+            return tcp
+        tls = trio.SSLStream(tcp, self.tls, server_hostname=address.host, https_compatible=True)
+        try:
+            await tls.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
+        return tls
 
     async def _serve(self, ws: WebSocketConnection, stale_after_s: float) -> str:
         """Subscribe, keep alive and receive until the connection ends or goes stale."""
@@ -244,6 +293,17 @@ class _Session:
                 },
             )
         self.parser.refusals.clear()
+
+
+def _connect_error(exc: BaseException) -> str:
+    """The useful part of a failed connect: trio wraps the attempts' errors (a group) and TLS
+    failures (a BrokenResourceError caused by the SSL error)."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+        return describe(cause.exceptions[0])
+    if isinstance(exc, trio.BrokenResourceError) and cause is not None:
+        return describe(cause)
+    return describe(exc)
 
 
 def _take_ready(ws: WebSocketConnection, frames: list[str | bytes]) -> None:

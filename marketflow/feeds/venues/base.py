@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 import attrs
+import msgspec
 
 # One trade as the venue reported it: (venue pair, price, timestamp in ms, trade id or None).
 # The pair is the venue's own name (`BTC-USDT`); the symbol map turns it into ours.
@@ -33,6 +34,10 @@ class Note:
     pair: str = ""
     count: int = 1
 
+
+# What decoding a frame may raise: bad JSON or shape (ValidationError is a DecodeError), a str
+# holding a lone surrogate (not encodable), nesting deeper than the decoder goes.
+DECODE_ERRORS = (msgspec.DecodeError, UnicodeEncodeError, RecursionError)
 
 CONTROL = Note(NoteKind.CONTROL)
 MALFORMED = Note(NoteKind.MALFORMED)

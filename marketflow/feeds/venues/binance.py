@@ -14,7 +14,16 @@ from collections.abc import Sequence
 
 import msgspec
 
-from marketflow.feeds.venues.base import CONTROL, MALFORMED, KeepAlive, Note, NoteKind, Trade, Venue
+from marketflow.feeds.venues.base import (
+    CONTROL,
+    DECODE_ERRORS,
+    MALFORMED,
+    KeepAlive,
+    Note,
+    NoteKind,
+    Trade,
+    Venue,
+)
 from marketflow.feeds.venues.fields import decimal_price
 
 
@@ -47,7 +56,7 @@ def subscribe(pairs: Sequence[str]) -> list[str]:
 def parse(frame: str | bytes, trades: list[Trade]) -> Note | None:
     try:
         message = _decode_trade(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return _other(frame)
     data = message.data
     price = decimal_price(data.p)
@@ -61,7 +70,7 @@ def _other(frame: str | bytes) -> Note:
     """Anything but a well-formed trade: a reply to a request, an error, another event."""
     try:
         message = _decode_any(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except DECODE_ERRORS:
         return MALFORMED
     if not isinstance(message, dict):
         return MALFORMED

@@ -17,7 +17,16 @@ from collections.abc import Sequence
 
 import msgspec
 
-from marketflow.feeds.venues.base import CONTROL, MALFORMED, KeepAlive, Note, NoteKind, Trade, Venue
+from marketflow.feeds.venues.base import (
+    CONTROL,
+    DECODE_ERRORS,
+    MALFORMED,
+    KeepAlive,
+    Note,
+    NoteKind,
+    Trade,
+    Venue,
+)
 from marketflow.feeds.venues.fields import decimal_price
 
 TOPIC = "publicTrade."
@@ -56,7 +65,7 @@ def subscribe(pairs: Sequence[str]) -> list[str]:
 def parse(frame: str | bytes, trades: list[Trade]) -> Note | None:
     try:
         message = _decode_envelope(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return MALFORMED
     if not message.topic:
         if not message.op:
@@ -68,7 +77,7 @@ def parse(frame: str | bytes, trades: list[Trade]) -> Note | None:
         return CONTROL  # tickers, orderbook, kline, ...
     try:
         entries = _decode_trades(message.data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return MALFORMED
     bad = 0
     for entry in entries:

@@ -18,7 +18,16 @@ from collections.abc import Sequence
 
 import msgspec
 
-from marketflow.feeds.venues.base import CONTROL, MALFORMED, KeepAlive, Note, NoteKind, Trade, Venue
+from marketflow.feeds.venues.base import (
+    CONTROL,
+    DECODE_ERRORS,
+    MALFORMED,
+    KeepAlive,
+    Note,
+    NoteKind,
+    Trade,
+    Venue,
+)
 from marketflow.feeds.venues.fields import decimal_price, ms_from_iso
 
 
@@ -63,7 +72,7 @@ def subscribe(pairs: Sequence[str]) -> list[str]:
 def parse(frame: str | bytes, trades: list[Trade]) -> Note | None:
     try:
         message = _decode_envelope(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return MALFORMED
     if message.channel != "market_trades":
         if message.channel:
@@ -74,7 +83,7 @@ def parse(frame: str | bytes, trades: list[Trade]) -> Note | None:
         return MALFORMED
     try:
         events = _decode_events(message.events)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return MALFORMED
     bad = 0
     for event in events:

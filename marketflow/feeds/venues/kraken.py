@@ -18,7 +18,16 @@ from collections.abc import Sequence
 
 import msgspec
 
-from marketflow.feeds.venues.base import CONTROL, MALFORMED, KeepAlive, Note, NoteKind, Trade, Venue
+from marketflow.feeds.venues.base import (
+    CONTROL,
+    DECODE_ERRORS,
+    MALFORMED,
+    KeepAlive,
+    Note,
+    NoteKind,
+    Trade,
+    Venue,
+)
 from marketflow.feeds.venues.fields import decimal_price, ms_from_seconds
 
 
@@ -50,7 +59,7 @@ def parse(frame: str | bytes, trades: list[Trade]) -> Note | None:
         return _parse_array(frame, trades)
     try:
         message = _decode_event(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return MALFORMED
     if not message.event:
         return MALFORMED
@@ -62,7 +71,7 @@ def parse(frame: str | bytes, trades: list[Trade]) -> Note | None:
 def _parse_array(frame: str | bytes, trades: list[Trade]) -> Note | None:
     try:
         _, entries, channel, pair = _decode_trades(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return _other_array(frame)
     if channel != "trade":
         return CONTROL
@@ -81,7 +90,7 @@ def _other_array(frame: str | bytes) -> Note:
     """An array that is not a readable trade frame: another channel's data, or junk."""
     try:
         message = _decode_any(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except DECODE_ERRORS:
         return MALFORMED
     if (
         isinstance(message, list)

@@ -18,7 +18,16 @@ from collections.abc import Sequence
 
 import msgspec
 
-from marketflow.feeds.venues.base import CONTROL, MALFORMED, KeepAlive, Note, NoteKind, Trade, Venue
+from marketflow.feeds.venues.base import (
+    CONTROL,
+    DECODE_ERRORS,
+    MALFORMED,
+    KeepAlive,
+    Note,
+    NoteKind,
+    Trade,
+    Venue,
+)
 from marketflow.feeds.venues.fields import decimal_price, ms_from_digits
 
 
@@ -62,7 +71,7 @@ def parse(frame: str | bytes, trades: list[Trade]) -> Note | None:
         return CONTROL
     try:
         message = _decode_envelope(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return MALFORMED
     if message.event:
         if message.event == "error":
@@ -74,7 +83,7 @@ def parse(frame: str | bytes, trades: list[Trade]) -> Note | None:
         return CONTROL
     try:
         entries = _decode_trades(message.data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return MALFORMED
     bad = 0
     for entry in entries:
