@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from marketflow.feeds.venues import fields
 from marketflow.feeds.venues.fields import (
     decimal_price,
     ms_from_digits,
@@ -115,3 +116,22 @@ def test_text_fields_never_raise(text: str) -> None:
     ms_from_digits(text)
     ms_from_seconds(text)
     ms_from_iso(text)
+
+
+@given(
+    st.lists(st.sampled_from(list("0123456789-T :.Z+\u0663x")), min_size=0, max_size=6),
+    st.lists(st.integers(0, 29), min_size=0, max_size=6),
+    st.sampled_from(
+        ["2026-08-09T21:06:02.876095Z", "2026-08-09T21:06:02Z", "2024-02-29 23:59:59.999999999Z"]
+    ),
+)
+def test_the_fast_iso_path_agrees_with_the_full_parser(
+    chars: list[str], positions: list[int], base: str
+) -> None:
+    """The cached-minute shortcut answers exactly what the full parser answers."""
+    text = list(base)
+    for char, position in zip(chars, positions, strict=False):
+        if position < len(text):
+            text[position] = char
+    mutated = "".join(text)
+    assert ms_from_iso(mutated) == fields._ms_from_iso_slowly(mutated)
