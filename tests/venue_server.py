@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import ssl
 import threading
 import time
 import urllib.parse
@@ -181,7 +182,7 @@ def data_pair(venue: str, message: Any) -> str | None:
 class _Connection:
     """One accepted WebSocket on wsproto: serialised sends, fragmented texts joined."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.ws = WSConnection(ConnectionType.SERVER)
         self.lock = trio.Lock()
@@ -272,6 +273,7 @@ class VenueServer:
         pace_s: float = 0.0,
         frames_per_write: int = 1,
         delta_s: int | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.venue = venue
         header, self.frames = load(venue)
@@ -282,6 +284,7 @@ class VenueServer:
         self.inject = inject or {}
         self.pace_s = pace_s
         self.frames_per_write = frames_per_write
+        self.tls = tls  # serve wss:// with this context
         self.delta_s = shift_for_now(venue) if delta_s is None else delta_s
         self.port = 0
         self.cursor = 0  # the next recorded frame to replay, across connections
@@ -299,17 +302,21 @@ class VenueServer:
     @property
     def url(self) -> str:
         path = "/stream" if self.venue == "binance" else "/"
-        return f"ws://127.0.0.1:{self.port}{path}"
+        scheme = "ws" if self.tls is None else "wss"
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; each connection runs in this task's nursery."""
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
+        tcp = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = tcp[0].socket.getsockname()[1]
+        listeners: list[trio.abc.Listener[Any]] = list(tcp)
+        if self.tls is not None:
+            listeners = [trio.SSLListener(t, self.tls, https_compatible=True) for t in tcp]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, self._handle, listeners)
             task_status.started()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         conn = _Connection(stream)
         index = self.connections
         self.connections += 1
@@ -319,7 +326,7 @@ class VenueServer:
                     self.connected_at.append(trio.current_time())
                     await _Session(self, conn, index).run()
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away: its business
+            pass  # the client went away (or failed the TLS handshake): its business
 
     # venue rules shared by the sessions
 

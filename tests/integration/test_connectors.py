@@ -10,10 +10,14 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import shutil
+import ssl
+import subprocess
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -353,3 +357,61 @@ async def test_a_refused_handshake_is_retried_with_backoff(
         assert 0.8 * nominal <= gap <= 1.2 * nominal + 0.1, gaps
     failed = [r for r in caplog.records if r.getMessage() == "feed connect failed"]
     assert failed and failed[0].ctx["error"] == "handshake refused: HTTP 403"  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def server_tls(certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    return context
+
+
+async def test_wss_verifies_the_venue_certificate(
+    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, autojump_clock: MockClock
+) -> None:
+    """wss:// goes through TLS with the default trust store (here told to trust the test CA
+    through SSL_CERT_FILE, as OpenSSL reads it) and the host name checked."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+    sink = Sink()
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            venue_server("bybit", tls=server_tls(certificate)) as server,
+            connector(server, sink) as stats,
+        ):
+            assert server.url.startswith("wss://")
+            expected = expected_ticks("bybit", server.delta_s, SYMBOL_MAPS["bybit"])
+            await until(lambda: len(sink.ticks("venue")) >= len(expected))
+            assert sink.ticks("venue") == expected
+            assert stats.reconnects == 0
+
+
+async def test_wss_refuses_an_untrusted_certificate(
+    certificate: tuple[Path, Path], autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="marketflow.feed")
+    sink = Sink()
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            venue_server("bybit", tls=server_tls(certificate)) as server,
+            connector(server, sink, name="untrusted") as stats,
+        ):
+            await trio.sleep(20)
+            assert stats.status is SourceStatus.CONNECTING and sink.ticks("untrusted") == []
+            assert server.connections >= 3  # retried with backoff, never accepted
+    failed = [r for r in caplog.records if r.getMessage() == "feed connect failed"]
+    assert failed and "CERTIFICATE_VERIFY_FAILED" in failed[0].ctx["error"]  # type: ignore[attr-defined]
