@@ -10,6 +10,7 @@ subscribe frames, the keep-alive and the parser.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import time
 import urllib.parse
@@ -264,7 +265,10 @@ class _Session:
                 stats.last_message_at = trio.current_time()
                 if self.backoff.attempt:
                     self.backoff.reset()
+                # A full pipeline may hold this send for a while: that is not the venue's silence.
+                alive.deadline = math.inf
                 await self.send_batch(self.name, ticks)
+                alive.deadline = trio.current_time() + stale_after_s
             if parser.last_rejected is not None:
                 count_rejects(parser, stats, seen)
             if parser.refusals:

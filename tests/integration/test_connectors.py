@@ -415,3 +415,23 @@ async def test_wss_refuses_an_untrusted_certificate(
             assert server.connections >= 3  # retried with backoff, never accepted
     failed = [r for r in caplog.records if r.getMessage() == "feed connect failed"]
     assert failed and "CERTIFICATE_VERIFY_FAILED" in failed[0].ctx["error"]  # type: ignore[attr-defined]
+
+
+async def test_a_slow_pipeline_is_not_mistaken_for_a_silent_venue(
+    autojump_clock: MockClock,
+) -> None:
+    """The pipeline holds the first batch for 30 s (backpressure); the stale limit is 5 s."""
+
+    class SlowSink(Sink):
+        async def send_batch(self, source: str, ticks: list[Tick]) -> None:
+            if not self.batches[source]:
+                await trio.sleep(30)
+            await super().send_batch(source, ticks)
+
+    sink = SlowSink()
+    with trio.fail_after(DEADLINE_S):
+        async with venue_server("okx") as server, connector(server, sink, stale_after_s=5) as stats:
+            expected = expected_ticks("okx", server.delta_s, SYMBOL_MAPS["okx"])
+            await until(lambda: len(sink.ticks("venue")) >= len(expected))
+            assert sink.ticks("venue") == expected
+            assert stats.reconnects == 0 and server.connections == 1
