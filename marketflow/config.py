@@ -16,6 +16,8 @@ from typing import Any
 import attrs
 import cattrs
 
+from marketflow.feeds.venues import VENUES
+
 SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 SYMBOL_RE = re.compile(r"^[A-Za-z0-9]{2,20}$")
 PERIOD_RE = re.compile(r"^(?:[0-9]+[smhd])+$")
@@ -53,11 +55,22 @@ class RedisConfig:
     timeout_ms: int = 500
 
 
+EXCHANGE_KINDS = ("tcp", *VENUES)
+URL_RE = re.compile(r"^wss?://[A-Za-z0-9.\-\[\]:]+(?::[0-9]{1,5})?(?:/[!-~]*)?$")
+
+
 @attrs.frozen
 class ExchangeConfig:
+    """One live source: a TCP feed (`host`, `port`) or a venue connector (`kind`, `url`,
+    `symbol_map`: our symbol -> the venue's pair; after loading, the venue's defaults when the
+    file gives none)."""
+
     name: str
-    host: str
-    port: int
+    host: str = ""
+    port: int = 0
+    kind: str = "tcp"
+    url: str = ""
+    symbol_map: dict[str, str] = attrs.Factory(dict)
 
 
 def _default_exchanges() -> list[ExchangeConfig]:
@@ -250,7 +263,47 @@ def build_config(data: Mapping[str, Any]) -> Config:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config: {exc}") from None
     validate(config)
-    return config
+    return attrs.evolve(
+        config, exchanges=[resolve_exchange(e, config.app.symbols) for e in config.exchanges]
+    )
+
+
+def resolve_exchange(exchange: ExchangeConfig, symbols: list[str]) -> ExchangeConfig:
+    """Check one `[[exchanges]]` entry for its kind; give a connector its venue's defaults."""
+    key = f"exchanges.{exchange.name}"
+    if exchange.kind not in EXCHANGE_KINDS:
+        raise ConfigError(f"{key}.kind: {exchange.kind!r} is not one of {'|'.join(EXCHANGE_KINDS)}")
+    if exchange.kind == "tcp":
+        if not exchange.host:
+            raise ConfigError(f"{key}.host: required for kind 'tcp'")
+        if not 1 <= exchange.port <= 65535:
+            raise ConfigError(f"{key}.port: required for kind 'tcp' (1-65535), got {exchange.port}")
+        for field in ("url", "symbol_map"):
+            if getattr(exchange, field):
+                raise ConfigError(f"{key}.{field}: only for a connector kind (set kind)")
+        return exchange
+    venue = VENUES[exchange.kind]
+    for field in ("host", "port"):
+        if getattr(exchange, field):
+            raise ConfigError(f"{key}.{field}: not used by kind {exchange.kind!r} (url is)")
+    if exchange.url and (len(exchange.url) > 2048 or not URL_RE.fullmatch(exchange.url)):
+        raise ConfigError(f"{key}.url: {exchange.url[:80]!r} is not a ws:// or wss:// URL")
+    for symbol, pair in exchange.symbol_map.items():
+        if symbol not in symbols:
+            raise ConfigError(f"{key}.symbol_map.{symbol}: not one of app.symbols")
+        if not venue.pair_pattern.fullmatch(pair):
+            raise ConfigError(
+                f"{key}.symbol_map.{symbol}: {pair!r} is not a {exchange.kind} pair"
+                f" like {venue.pair_example!r}"
+            )
+    if len(set(exchange.symbol_map.values())) != len(exchange.symbol_map):
+        raise ConfigError(f"{key}.symbol_map: two symbols map to the same pair")
+    symbol_map = exchange.symbol_map or dict(venue.default_symbols)
+    if not any(symbol in symbol_map for symbol in symbols):
+        raise ConfigError(
+            f"{key}.symbol_map: none of app.symbols has a {exchange.kind} pair; map at least one"
+        )
+    return attrs.evolve(exchange, symbol_map=symbol_map)
 
 
 def validate(config: Config) -> None:
@@ -303,7 +356,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"app.max_period: {app.max_period!r} is not a period like 3650d")
     ports = {"http.port": config.http.port, "postgres.port": config.postgres.port}
     ports |= {"redis.port": config.redis.port}
-    ports |= {f"exchanges.{e.name}.port": e.port for e in config.exchanges}
+    ports |= {f"exchanges.{e.name}.port": e.port for e in config.exchanges if e.kind == "tcp"}
     for key, port in ports.items():
         if not 0 <= port <= 65535:
             raise ConfigError(f"{key}: {port} is not a TCP port")

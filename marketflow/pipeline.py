@@ -18,7 +18,7 @@ from functools import partial
 import trio
 
 from marketflow.config import Config, ExchangeConfig
-from marketflow.feeds.reader import read_feed
+from marketflow.feeds.sources import read_source
 from marketflow.generator import generate
 from marketflow.logs import rate_limited
 from marketflow.metrics import Metrics
@@ -253,7 +253,7 @@ class Pipeline:
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 partial(
-                    read_feed,
+                    read_source,
                     exchange,
                     self.send_batch,
                     self.stats[exchange.name],

@@ -10,15 +10,14 @@ chunk holding a bad line falls back to line-by-line decoding to find and classif
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Collection
 
 import msgspec
 
+from marketflow.feeds.validation import INF, check_tick, time_window
 from marketflow.models import Reject, Tick
 
-_INF = math.inf
 EXCERPT_BYTES = 80
 
 
@@ -118,8 +117,7 @@ class FeedParser:
             chunk.count(b"\n{") + chunk.startswith(b"{") != lines_in_chunk
         ):
             return self._parse_slowly(chunk)
-        now_ms = int(self._clock() * 1000)
-        lo, hi = now_ms - self._max_skew_ms, now_ms + self._max_future_ms
+        lo, hi = time_window(self._clock, self._max_skew_ms, self._max_future_ms)
         symbols = self._symbols
         out: list[Tick] = []
         append = out.append
@@ -127,7 +125,8 @@ class FeedParser:
             symbol = line.symbol
             price = line.price
             ts = line.timestamp
-            if symbol in symbols and 0.0 < price < _INF and lo <= ts <= hi:
+            # The inline form of check_tick for the common valid line; the rest is classified.
+            if symbol in symbols and 0.0 < price < INF and lo <= ts <= hi:
                 append((symbol, price, ts))
             else:
                 tick = self._classify(symbol, price, ts, lo, hi, line)
@@ -147,17 +146,14 @@ class FeedParser:
                 self._reject(Reject.UNKNOWN_SYMBOL, line)
                 return None
             symbol = upper
-        if not 0.0 < price < _INF:
-            self._reject(Reject.BAD_PRICE, line)
-            return None
-        if not lo <= ts <= hi:
-            self._reject(Reject.BAD_TIMESTAMP, line)
+        reason = check_tick(price, ts, lo, hi)
+        if reason is not None:
+            self._reject(reason, line)
             return None
         return (symbol, price, ts)
 
     def _parse_slowly(self, chunk: bytes) -> list[Tick]:
-        now_ms = int(self._clock() * 1000)
-        lo, hi = now_ms - self._max_skew_ms, now_ms + self._max_future_ms
+        lo, hi = time_window(self._clock, self._max_skew_ms, self._max_future_ms)
         out: list[Tick] = []
         for raw in chunk.split(b"\n"):
             if not raw.strip():

@@ -7,6 +7,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
+from typing import Protocol
 
 import trio
 
@@ -20,9 +21,16 @@ from marketflow.models import Reject, SourceStats, SourceStatus, Tick
 log = logging.getLogger("marketflow.feed")
 RECEIVE_BYTES = 256 * 1024
 CONNECT_TIMEOUT_S = 5.0
-_conn_ids = itertools.count(1)
+conn_ids = itertools.count(1)  # connection ids for the logs, shared by every kind of source
 
 SendBatch = Callable[[str, list[Tick]], Awaitable[None]]
+
+
+class RejectCounting(Protocol):
+    """A parser that counts what it refuses (`FeedParser`, `TradeParser`)."""
+
+    rejected: dict[Reject, int]
+    last_rejected: tuple[Reject, bytes] | None
 
 
 async def read_feed(
@@ -71,7 +79,7 @@ async def read_feed(
                         )
                     await trio.sleep(delay)
                     continue
-                conn_id = next(_conn_ids)
+                conn_id = next(conn_ids)
                 parser = FeedParser(
                     symbols,
                     max_line_bytes=max_line_bytes,
@@ -130,10 +138,11 @@ async def _read_connection(
                     backoff.reset()
                 await send_batch(name, ticks)
             if parser.last_rejected is not None:
-                _count_rejects(parser, stats, rejected_seen)
+                count_rejects(parser, stats, rejected_seen)
 
 
-def _count_rejects(parser: FeedParser, stats: SourceStats, seen: dict[Reject, int]) -> None:
+def count_rejects(parser: RejectCounting, stats: SourceStats, seen: dict[Reject, int]) -> None:
+    """Add the parser's new refusals to `stats` and log the last one (rate-limited)."""
     for reason, total in parser.rejected.items():
         new = total - seen[reason]
         if new:

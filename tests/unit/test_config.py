@@ -8,7 +8,15 @@ from pathlib import Path
 import attrs
 import pytest
 
-from marketflow.config import Config, ConfigError, config_path, load_config, parse_period
+from marketflow.config import (
+    DEFAULT_SYMBOLS,
+    Config,
+    ConfigError,
+    build_config,
+    config_path,
+    load_config,
+    parse_period,
+)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -142,3 +150,73 @@ def test_every_config_key_is_documented() -> None:
             checked += 1
             assert f"`{field.name}`" in readme, f"[{table.name}].{field.name} is not in README"
     assert checked >= 35
+
+
+def test_exchange_kind_defaults_to_tcp_and_connectors_get_their_venue_defaults(
+    tmp_path: Path,
+) -> None:
+    text = (
+        "[[exchanges]]\nname='feed'\nhost='h'\nport=1\n"
+        "[[exchanges]]\nname='bn'\nkind='binance'\n"
+        "[[exchanges]]\nname='kr'\nkind='kraken'\nurl='ws://127.0.0.1:9/'\n"
+        "[[exchanges]]\nname='ok'\nkind='okx'\nsymbol_map={BTCUSDT='BTC-USDT'}\n"
+    )
+    feed, bn, kr, ok = load_config(write(tmp_path, text), {}).exchanges
+    assert (feed.kind, feed.url, feed.symbol_map) == ("tcp", "", {})
+    assert bn.kind == "binance" and bn.url == "" and bn.symbol_map["BTCUSDT"] == "BTCUSDT"
+    assert set(bn.symbol_map) == set(DEFAULT_SYMBOLS)
+    assert kr.url == "ws://127.0.0.1:9/" and kr.symbol_map["BTCUSDT"] == "XBT/USDT"
+    assert kr.symbol_map["DOGEUSDT"] == "XDG/USDT"
+    assert ok.symbol_map == {"BTCUSDT": "BTC-USDT"}  # a given map replaces the defaults
+
+
+@pytest.mark.parametrize("kind", ["binance", "coinbase", "kraken", "okx", "bybit"])
+def test_every_venue_maps_the_five_default_pairs(kind: str) -> None:
+    (exchange,) = build_config({"exchanges": [{"name": "x", "kind": kind}]}).exchanges
+    assert set(exchange.symbol_map) == set(DEFAULT_SYMBOLS)
+    assert len(set(exchange.symbol_map.values())) == 5
+
+
+@pytest.mark.parametrize(
+    ("exchange", "named"),
+    [
+        ({"kind": "ftx"}, "exchanges.x.kind"),
+        ({"kind": "Binance"}, "exchanges.x.kind"),
+        ({"kind": "tcp", "port": 1}, "exchanges.x.host"),
+        ({"kind": "tcp", "host": "h"}, "exchanges.x.port"),
+        ({"host": "h", "port": 1, "url": "ws://h/"}, "exchanges.x.url"),
+        ({"host": "h", "port": 1, "symbol_map": {"BTCUSDT": "X"}}, "exchanges.x.symbol_map"),
+        ({"kind": "okx", "host": "h"}, "exchanges.x.host"),
+        ({"kind": "okx", "port": 443}, "exchanges.x.port"),
+        ({"kind": "okx", "url": "https://www.okx.com"}, "exchanges.x.url"),
+        ({"kind": "okx", "url": "ws://"}, "exchanges.x.url"),
+        ({"kind": "okx", "url": "wss://h/a b"}, "exchanges.x.url"),
+        ({"kind": "okx", "symbol_map": {"XRPUSDT": "XRP-USDT"}}, "exchanges.x.symbol_map.XRPUSDT"),
+        ({"kind": "okx", "symbol_map": {"BTCUSDT": "BTCUSDT"}}, "exchanges.x.symbol_map.BTCUSDT"),
+        ({"kind": "kraken", "symbol_map": {"BTCUSDT": "XBT-USDT"}}, "symbol_map.BTCUSDT"),
+        ({"kind": "binance", "symbol_map": {"BTCUSDT": "btc/usdt"}}, "symbol_map.BTCUSDT"),
+        (
+            {"kind": "bybit", "symbol_map": {"BTCUSDT": "BTCUSDT", "ETHUSDT": "BTCUSDT"}},
+            "exchanges.x.symbol_map",
+        ),
+        ({"kind": "okx", "symbol_map": {"BTCUSDT": 5}}, "symbol_map"),
+        ({"kind": "okx", "symbol_map": "BTC-USDT"}, "symbol_map"),
+        ({"kind": "okx", "nope": 1}, "nope"),
+    ],
+)
+def test_exchange_errors_name_the_key(exchange: dict[str, object], named: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        build_config({"exchanges": [{"name": "x", **exchange}]})
+
+
+def test_a_connector_needs_one_of_the_app_symbols() -> None:
+    app = {"symbols": ["XRPUSDT"]}
+    with pytest.raises(ConfigError, match=r"exchanges\.x\.symbol_map"):
+        build_config({"app": app, "exchanges": [{"name": "x", "kind": "okx"}]})
+    config = build_config(
+        {
+            "app": app,
+            "exchanges": [{"name": "x", "kind": "okx", "symbol_map": {"XRPUSDT": "XRP-USDT"}}],
+        }
+    )
+    assert config.exchanges[0].symbol_map == {"XRPUSDT": "XRP-USDT"}
