@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+import attrs
 import trio
 
 from marketflow.backoff import Backoff
@@ -68,7 +69,11 @@ class Aggregator:
         # memory once it leaves the window, so a read of it must wait (503), not omit it.
         self.journaled_from: dict[Key, int] = {}
         self.unwritable_rows = 0  # rows neither PostgreSQL nor the journal took: held in memory
+        # Each owned source's lease epoch, stamped on its rows (0: no lease, the guard is off).
+        self.epochs: dict[str, int] = {}
+        self.fenced_rows = 0  # rows PostgreSQL refused: written under an older epoch
         self._replayed_to = 0  # byte offset of the journal prefix already committed
+        self._replay_refused = 0
 
     @property
     def pending_rows(self) -> int:
@@ -104,6 +109,11 @@ class Aggregator:
         reached the journal (an error, or cancellation) are marked dirty again."""
         if not rows:
             return
+        epochs = self.epochs
+        rows = [
+            attrs.evolve(r, epoch=epoch) if (epoch := epochs.get(r.exchange, 0)) else r
+            for r in rows
+        ]
         done = 0
         unwritable = 0
         try:
@@ -141,10 +151,13 @@ class Aggregator:
         if self.journaled_rows == 0:
             started = time.perf_counter()
             try:
-                await trio.to_thread.run_sync(self.store.upsert, batch, limiter=self.limiter)
+                refused = await trio.to_thread.run_sync(
+                    self.store.upsert, batch, limiter=self.limiter
+                )
             except Exception as exc:
                 self._failed(exc)
             else:
+                self._fenced(refused)
                 self.metrics.db_write_seconds.observe(time.perf_counter() - started)
                 self.metrics.db_rows.inc(len(batch))
                 self.health.wrote()
@@ -167,10 +180,21 @@ class Aggregator:
                 self.journaled_from[key] = row.minute
         return True
 
+    def _fenced(self, refused: int) -> None:
+        if not refused:
+            return
+        self.fenced_rows += refused
+        self.metrics.fenced_rows.inc(refused)
+        log.error(
+            "rows refused by postgres: another process took this source's lease (newer epoch)",
+            extra={"ctx": {"rows": refused, "refused_total": self.fenced_rows}},
+        )
+
     def _replay_chunk(self, deadline: float) -> tuple[int, bool]:
         """Commit journaled batches from the committed prefix on, about REPLAY_CHUNK_ROWS at a
         time, until `deadline` (time.monotonic); truncate once all committed. Runs in a thread.
         Returns (rows committed, finished)."""
+        self._replay_refused = 0
         replayed = 0
         chunk: list[MinuteRow] = []
         chunk_end = self._replayed_to
@@ -178,14 +202,14 @@ class Aggregator:
             chunk.extend(batch)
             chunk_end = end
             if len(chunk) >= REPLAY_CHUNK_ROWS:
-                self.store.upsert(chunk)
+                self._replay_refused += self.store.upsert(chunk)
                 replayed += len(chunk)
                 self._replayed_to = chunk_end
                 chunk = []
                 if time.monotonic() >= deadline:
                     return replayed, False
         if chunk:
-            self.store.upsert(chunk)
+            self._replay_refused += self.store.upsert(chunk)
             replayed += len(chunk)
         self.journal.truncate()
         self._replayed_to = 0
@@ -213,6 +237,7 @@ class Aggregator:
                 self._failed(exc)
                 return False
             self.metrics.db_rows.inc(replayed)
+            self._fenced(self._replay_refused)
             self.health.wrote()
             if finished:
                 log.info("journal replayed into postgres", extra={"ctx": {"rows": replayed}})

@@ -12,7 +12,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -23,6 +22,7 @@ from marketflow.coordination import Coordinator
 from marketflow.health import StoreHealth
 from marketflow.hypercorn_guard import guard_hypercorn_connections
 from marketflow.ingest import Ingest
+from marketflow.leases import FileLocks, Ownership
 from marketflow.metrics import Metrics
 from marketflow.minute_reader import MinuteReader
 from marketflow.mirror import Mirror
@@ -48,7 +48,7 @@ def build_node(
     """A node for `config` and its role on the real stores; tests pass fakes for any of them
     (with `probes=False` to run without the probe connections; without a `live_store` and
     with a fake price store, nothing is shared through Redis)."""
-    from marketflow.store.journal import FileJournal
+    from marketflow.store.journal import claim_journal
     from marketflow.store.postgres import PostgresAggregateStore
     from marketflow.store.redis import RedisPriceStore
 
@@ -61,11 +61,16 @@ def build_node(
             config.redis, window_seconds=app.window_seconds, ttl_seconds=app.redis_ttl_seconds
         )
 
-    state = MarketState(app.window_seconds)
+    # Keys become owned when their source is taken over (leases), never by accident.
+    state = MarketState(app.window_seconds, owned_by_default=False)
     metrics = Metrics()
     redis_health = StoreHealth("redis")
     postgres_health = StoreHealth("postgres")
-    reader = query_store or PostgresAggregateStore(config.postgres, migrate=False)
+    reader = (
+        query_store
+        if query_store is not None
+        else PostgresAggregateStore(config.postgres, migrate=False)
+    )
     closers: list[Callable[[], None]] = [reader.close]
     # Status, mode and control: a connection of their own, never behind a flush.
     live: LiveStore | None = live_store
@@ -78,9 +83,9 @@ def build_node(
 
     if role == "api":
         assert live is not None, "an api process needs Redis"
-        mirror = Mirror(state, live, redis_health, keys, mode=Mode(app.mode))
+        api_mirror = Mirror(state, live, redis_health, keys, mode=Mode(app.mode))
         minutes = MinuteReader(
-            reader, postgres_health, unwritten_from=lambda key: mirror.oldest_unwritten_ms()
+            reader, postgres_health, unwritten_from=lambda key: api_mirror.oldest_unwritten_ms()
         )
         if probes:  # an api process judges the stores by reads
             checks.append((postgres_health, reader.ping, None))
@@ -93,15 +98,17 @@ def build_node(
             minutes=minutes,
             redis_health=redis_health,
             postgres_health=postgres_health,
-            mirror=mirror,
+            mirror=api_mirror,
             live=live,
             probes=checks,
             closers=closers,
             clock=clock,
         )
 
-    writer = price_store or redis_store()
-    aggregates = aggregate_store or PostgresAggregateStore(config.postgres)
+    writer = price_store if price_store is not None else redis_store()
+    aggregates = (
+        aggregate_store if aggregate_store is not None else PostgresAggregateStore(config.postgres)
+    )
     closers += [writer.close, aggregates.close]
     ingest = Ingest(
         config,
@@ -109,7 +116,7 @@ def build_node(
         metrics,
         price_store=writer,
         aggregate_store=aggregates,
-        journal=journal or FileJournal(Path(app.data_dir) / "journal.ndjson"),
+        journal=journal if journal is not None else claim_journal(app.data_dir),
         redis_health=redis_health,
         postgres_health=postgres_health,
         instance=instance,
@@ -123,6 +130,11 @@ def build_node(
             (redis_health, redis_probe.probe_write, None),
             (postgres_health, postgres_probe.probe_write, ingest.aggregator.retry_soon),
         ]
+    # Role all serves the sources another instance holds as `api`: their keys are mirrored.
+    mirror: Mirror | None = None
+    if role == "all" and live is not None:
+        mirror = Mirror(state, live, StoreHealth("redis-mirror"), keys, mode=Mode(app.mode))
+        ingest.on_give_up = mirror.request_resync
     node = Node(
         config,
         role=role,
@@ -133,11 +145,23 @@ def build_node(
         redis_health=redis_health,
         postgres_health=postgres_health,
         ingest=ingest,
+        mirror=mirror,
         live=live,
         probes=checks,
         closers=closers,
         clock=clock,
     )
+    ingest.ownership = Ownership(
+        store=live,
+        instance=instance,
+        role=role,
+        ttl_ms=app.lease_ttl_ms,
+        locks=FileLocks(app.data_dir),
+        take_over=ingest.take_over,
+        give_up=ingest.give_up,
+        set_epoch=ingest.set_epoch,
+    )
+    ingest.pipeline.owner = ingest.ownership.hold
     if live is not None:
         ingest.coordinator = Coordinator(
             live,

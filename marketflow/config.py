@@ -99,6 +99,7 @@ class AppConfig:
     grace_ms: int = 2000
     max_clock_skew_s: int = 120
     max_future_skew_ms: int = 5000
+    lease_ttl_ms: int = 10_000
     max_line_bytes: int = 65536
     stale_after_s: float = 10.0
     reconnect_max_delay_s: float = 30.0
@@ -133,6 +134,13 @@ class Config:
     @property
     def test_sources(self) -> list[str]:
         return list(self.test.sources)
+
+    def exchange(self, name: str) -> ExchangeConfig | None:
+        """The live exchange called `name` (None for a test source)."""
+        for exchange in self.exchanges:
+            if exchange.name == name:
+                return exchange
+        return None
 
     def sources_for(self, mode: str) -> list[str]:
         return self.live_sources if mode == "live" else self.test_sources
@@ -335,6 +343,7 @@ def validate(config: Config) -> None:
         "app.flush_interval_ms": app.flush_interval_ms,
         "app.max_clock_skew_s": app.max_clock_skew_s,
         "app.max_future_skew_ms": app.max_future_skew_ms,
+        "app.lease_ttl_ms": app.lease_ttl_ms,
         "app.max_line_bytes": app.max_line_bytes,
         "app.stale_after_s": app.stale_after_s,
         "app.reconnect_max_delay_s": app.reconnect_max_delay_s,

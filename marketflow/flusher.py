@@ -80,7 +80,7 @@ class RedisFlusher:
         try:
             await trio.to_thread.run_sync(self.store.write, plan, limiter=self.limiter)
         except Exception as exc:  # any client error means: Redis is not usable now
-            self.state.redis_rewrite_all = True
+            self.state.rewrite_all()
             self.health.write_failed(exc)
             self.metrics.store_errors.labels("redis").inc()
             delay = self._backoff.next()
@@ -122,7 +122,7 @@ class RedisFlusher:
 def plan_commands(plan: FlushPlan) -> int:
     """Redis commands a flush plan costs (for the metric that shows Redis stays flat)."""
     seconds = sum(len(v) for v in plan.buckets.values())
-    rewrite = len(plan.touched) if plan.rewrite else 0
+    rewrite = len(plan.rewritten)
     published = 1 if plan.message is not None else 0
     metas = 2 * len(plan.meta) + len({*plan.touched, *((m.source, m.symbol) for m in plan.meta)})
     return 2 * len(plan.latest) + 2 * seconds + 2 * len(plan.touched) + rewrite + metas + published

@@ -3,11 +3,15 @@
 Task tree (`Ingest.run`, inside the node's nursery):
 
     Ingest.run
-    ├── restore            once, before anything else; cancelled if the node stops meanwhile
+    ├── prepare            once: migrations and the journal a previous run left, retried until
+    │                      PostgreSQL answers; cancelled if the node stops meanwhile
     ├── RedisFlusher.run   every flush_interval_ms: one pipelined call via trio.to_thread
     ├── aggregator scope   a cancel scope of its own: closed minutes -> PostgreSQL / journal
-    └── Pipeline.run       the fan-in channel, the distributor, the worker nursery, and a nursery
-                           per source (reader or generator) inside the current mode's cancel scope
+    ├── Pipeline.run       the fan-in channel, the distributor, the worker nursery, and a nursery
+    │                      per source inside the current mode's cancel scope, where
+    │                      Ownership.hold takes the source (file lock, lease, epoch), restores
+    │                      its open minutes, then runs its reader or generator while held
+    └── Coordinator.run    status every second, the shared mode, control requests (with Redis)
 
 Shutdown, in a shielded scope with `shutdown_timeout_s` as deadline: stop the sources, let the
 workers drain every batch already read, cancel the aggregator's scope and wait for it (a write in
@@ -29,12 +33,13 @@ from marketflow.config import Config
 from marketflow.coordination import Coordinator
 from marketflow.flusher import RedisFlusher
 from marketflow.health import StoreHealth
+from marketflow.leases import Ownership
 from marketflow.metrics import Metrics
 from marketflow.models import Key, Mode
 from marketflow.pipeline import Pipeline
 from marketflow.ports import AggregateStore, Journal, PriceStore
-from marketflow.restore import Restored, restore
-from marketflow.state import MarketState
+from marketflow.restore import Restored, prepare_postgres, restore
+from marketflow.state import KeyState, MarketState
 
 log = logging.getLogger("marketflow.ingest")
 
@@ -85,11 +90,13 @@ class Ingest:
             pending_rows_max=app.pending_rows_max,
             clock=clock,
         )
-        self.restored: Restored | None = None
+        self.restored: dict[str, Restored] = {}
         self.running = False
         self.finished = trio.Event()
-        # Set by the composition root when the process shares its state through Redis.
+        # Set by the composition root: sharing through Redis, and the leases of the sources.
         self.coordinator: Coordinator | None = None
+        self.ownership: Ownership | None = None
+        self.on_give_up: Callable[[], None] | None = None  # a mirror re-reads what we let go
 
     async def run(
         self, stopping: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -100,7 +107,7 @@ class Ingest:
             with trio.CancelScope() as starting:
                 async with trio.open_nursery() as watch:
                     watch.start_soon(_cancel_when, stopping, starting)
-                    await self._restore()
+                    await self._prepare()
                     watch.cancel_scope.cancel()
             if starting.cancelled_caught:
                 log.info("stopped before the restore completed; nothing was written")
@@ -125,22 +132,53 @@ class Ingest:
             self.running = False
             self.finished.set()
 
-    async def _restore(self) -> None:
-        config = self.config
-        keys = [(s, sym) for s in config.all_sources for sym in config.app.symbols]
+    async def _prepare(self) -> None:
+        """Migrations and the journal a previous run left, before any source: retried until
+        PostgreSQL answers (restore.py says why it must)."""
         await self.aggregator.open_journal()
-        self.restored = await restore(
-            self.state,
-            keys,
-            now_s=int(self.clock()),
-            window_seconds=config.app.window_seconds,
-            price_store=self.price_store,
-            aggregate_store=self.aggregate_store,
+        await prepare_postgres(
+            self.aggregate_store,
             replay_journal=lambda: self.aggregator.replay_if_due(force=True),
             postgres_health=self.postgres_health,
-            redis_limiter=self.flusher.limiter,
-            postgres_limiter=self.aggregator.limiter,
+            limiter=self.aggregator.limiter,
         )
+
+    async def take_over(self, source: str, epoch: int) -> None:
+        """`source` is ours (its lease and lock taken): resume its open minutes by the restore
+        rule (from PostgreSQL and Redis, never both), then own its keys under `epoch`.
+        A source this process held already (a mode switch back) keeps its state."""
+        keys = [(source, symbol) for symbol in self.config.app.symbols]
+        if not all(k in self.state.keys and self.state.keys[k].owned for k in keys):
+            for key in keys:  # fresh: whatever a mirror held for it is replaced by the restore
+                self.state.keys[key] = KeyState(*key, owned=False)
+            self.restored[source] = await restore(
+                self.state,
+                keys,
+                now_s=int(self.clock()),
+                window_seconds=self.config.app.window_seconds,
+                price_store=self.price_store,
+                aggregate_store=self.aggregate_store,
+                replay_journal=lambda: self.aggregator.replay_if_due(force=True),
+                postgres_health=self.postgres_health,
+                redis_limiter=self.flusher.limiter,
+                postgres_limiter=self.aggregator.limiter,
+            )
+            for key in keys:
+                st = self.state.keys[key]
+                st.owned = st.rewrite = st.meta_dirty = True
+        self.set_epoch(source, epoch)
+
+    def set_epoch(self, source: str, epoch: int) -> None:
+        self.aggregator.epochs[source] = epoch
+
+    def give_up(self, source: str) -> None:
+        """`source` is held elsewhere: its keys are no longer ours (a mirror may fill them)."""
+        for symbol in self.config.app.symbols:
+            st = self.state.keys.get((source, symbol))
+            if st is not None and st.owned and not st.minutes_dirty:
+                st.owned = False
+        if self.on_give_up is not None:
+            self.on_give_up()
 
     async def _aggregate(self, scope: trio.CancelScope, done: trio.Event) -> None:
         with scope:
@@ -153,12 +191,16 @@ class Ingest:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.config.app.shutdown_timeout_s
             log.info("shutting down: draining pipeline")
+            if self.ownership is not None:
+                self.ownership.shutting_down = True  # leases are released after the flush
             self.pipeline.stop()
             await self.pipeline.drained.wait()
             aggregator.cancel()
             await aggregator_done.wait()
             await self.flusher.flush(force=True)
             await self.aggregator.flush_all()
+            if self.ownership is not None:
+                await self.ownership.release_all()
             log.info(
                 "shutdown complete",
                 extra={

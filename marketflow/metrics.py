@@ -44,6 +44,12 @@ class Metrics:
         self.db_rows = Counter(
             "marketflow_db_rows_written", "Aggregate rows committed to PostgreSQL.", registry=r
         )
+        self.fenced_rows = Counter(
+            "marketflow_fenced_rows",
+            "Aggregate rows PostgreSQL refused: written under an older lease epoch than the "
+            "source's newest.",
+            registry=r,
+        )
         self.store_errors = Counter(
             "marketflow_store_errors", "Failed store calls.", ["store"], registry=r
         )

@@ -61,6 +61,11 @@ class Mirror:
         self.statuses: dict[str, tuple[float, dict[str, Any]]] = {}  # instance -> (seen, body)
         self.reads = 0  # full reads so far (tests and metrics)
         self._last_seq: dict[str, int] = {}
+        self._resync = False
+
+    def request_resync(self) -> None:
+        """Read everything again soon (this process let a source go: mirror it now)."""
+        self._resync = True
 
     # --- what the node reads -------------------------------------------------------------------
 
@@ -104,7 +109,9 @@ class Mirror:
                 backoff.reset()
                 while True:
                     messages = await trio.to_thread.run_sync(sub.drain, 1.0, abandon_on_cancel=True)
-                    if messages and self.apply_messages(messages):
+                    resync = bool(messages) and self.apply_messages(messages)
+                    if resync or self._resync:
+                        self._resync = False
                         await self.read_all()
             except Exception as exc:
                 self._lost(exc)
@@ -145,9 +152,12 @@ class Mirror:
         latest: dict[Key, LatestPrice],
         metas: dict[Key, KeyMeta],
     ) -> None:
-        """The state becomes exactly what was read (pure)."""
+        """The state becomes exactly what was read (pure). Keys this process owns (it ingests
+        their source, role `all`) are left alone."""
         for key in self.keys:
             st = self.state.key(*key)
+            if st.owned:
+                continue
             meta = metas.get(key)
             st.horizon_s = meta.horizon_ms // 1000 if meta is not None else 0
             st.minute_base = (
@@ -179,17 +189,21 @@ class Mirror:
         self.mode = Mode(update.mode) if update.mode in ("live", "test") else self.mode
         for key, price, ts in update.latest:
             st = state.key(*key)
+            if st.owned:
+                continue
             if ts > st.latest_ts:
                 st.latest_price, st.latest_ts = price, ts
         for key, second, bucket in update.buckets:
             st = state.key(*key)
-            if second < st.horizon_s:
+            if st.owned or second < st.horizon_s:
                 continue
             held = st.buckets.get(second)
             if held is None or bucket[COUNT] >= held[COUNT]:
                 st.buckets[second] = bucket
         for meta in update.meta:
             st = state.key(meta.source, meta.symbol)
+            if st.owned:
+                continue
             horizon_s = meta.horizon_ms // 1000
             st.minute_base = {minute // 60_000: b for minute, b in meta.bases}
             if horizon_s > st.horizon_s:

@@ -128,6 +128,9 @@ class MinuteRow:
         default=attrs.Factory(lambda row: row.minute, takes_self=True), kw_only=True
     )
     close_ms: int = attrs.field(default=attrs.Factory(_minute_end, takes_self=True), kw_only=True)
+    # The lease epoch of the writer (contract: roles): PostgreSQL refuses a row for a source under
+    # an older epoch than the newest it has seen for it. 0: no lease (the guard is off).
+    epoch: int = attrs.field(default=0, kw_only=True, eq=False)
 
     @property
     def average(self) -> float:

@@ -56,7 +56,8 @@ def new_instance_id() -> str:
 class Node:
     """Owns the long-lived parts of one process except the HTTP server (see module docstring).
 
-    Exactly one of `ingest` (roles all and ingest) and `mirror` (role api) is set.
+    `ingest` is set for roles all and ingest, `mirror` for role api — and for role all with
+    Redis, which mirrors the sources another instance holds.
     """
 
     def __init__(
@@ -77,7 +78,7 @@ class Node:
         closers: list[Callable[[], None]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        assert (ingest is None) != (mirror is None), "a node ingests or mirrors"
+        assert ingest is not None or mirror is not None, "a node ingests, mirrors, or both"
         app = config.app
         self.config = config
         self.role: Role = role
@@ -123,7 +124,7 @@ class Node:
     @property
     def fallback(self) -> bool:
         """True while answers come from PostgreSQL alone (role api, Redis unreachable)."""
-        return self.mirror is not None and not self.mirror.current
+        return self.ingest is None and self.mirror is not None and not self.mirror.current
 
     @property
     def fresh_ms(self) -> int:
@@ -204,9 +205,18 @@ class Node:
         pipeline = ingest.pipeline
         current = set(pipeline.sources())
         sources = {name: source_json(stats, now) for name, stats in pipeline.stats.items()}
+        ownership = ingest.ownership
+        if ownership is not None and self.mirror is not None:
+            # Sources another instance holds: as that instance reports them.
+            for body in self.mirror.live_statuses().values():
+                for name, src in body.get("sources", {}).items():
+                    if name in current and name not in ownership.held:
+                        sources[name] = src
         body_pipeline = ingest.pipeline_json()
         if not ingest.running:
             status = "starting"
+        elif ownership is not None and ownership.standby:
+            status = "standby"
         elif (
             not self.redis_health.up
             or not self.postgres_health.up
@@ -222,7 +232,8 @@ class Node:
         """This ingesting instance's `status:{INSTANCE}` (contract: Redis)."""
         assert self.ingest is not None
         health = self._ingest_health(self.ingest)
-        current = set(self.sources())
+        held = self.ingest.ownership.held if self.ingest.ownership else {}
+        current = {s for s in self.sources() if not held or s in held}
         oldest = self.ingest.oldest_unwritten_ms()
         return {
             "instance": self.instance,
@@ -286,11 +297,10 @@ class Node:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._hub.run, self._stopping)
                 task_status.started()
+                if self.mirror is not None:
+                    nursery.start_soon(self.mirror.run)
                 if self.ingest is not None:
                     await nursery.start(self.ingest.run, self._stopping)
-                else:
-                    assert self.mirror is not None
-                    nursery.start_soon(self.mirror.run)
                 # After the restore, which creates and migrates the database on first use and
                 # reports PostgreSQL's state itself while it waits.
                 for health, check, on_up in self.probes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from functools import partial
 
@@ -66,6 +66,9 @@ class Pipeline:
         self._sources_scope: trio.CancelScope | None = None
         self._switch_lock = trio.Lock()
         self.drained = trio.Event()
+        # Decides whether this process runs a source (leases, file locks): `owner(name, run)`
+        # calls `run()` only while the source is held. None: every source runs.
+        self.owner: Callable[[str, Callable[[], Awaitable[None]]], Awaitable[None]] | None = None
 
     # --- the per-tick path -------------------------------------------------------------------
 
@@ -231,46 +234,42 @@ class Pipeline:
                 for name, stats in self.stats.items():
                     stats.active = name in names
                 async with trio.open_nursery() as nursery:
-                    if mode is Mode.LIVE:
-                        for exchange in self.config.exchanges:
-                            await nursery.start(self._run_feed, exchange)
-                    else:
-                        for name in names:
-                            await nursery.start(self._run_generator, name)
+                    for name in names:
+                        nursery.start_soon(self._run_source, name)
                     task_status.started(scope)
             finally:
                 for name in names:
                     self.stats[name].status = SourceStatus.DISCONNECTED
 
-    async def _run_feed(
-        self,
-        exchange: ExchangeConfig,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """One exchange's nursery: its reader (and whatever the reader starts beside it)."""
-        app = self.config.app
+    async def _run_source(self, name: str) -> None:
+        """One source's nursery: its reader (live) or generator (test), run while this process
+        holds the source (`owner`: leases and file locks), else at once."""
+        exchange = self.config.exchange(name)
+        run = (
+            partial(self._read, exchange) if exchange is not None else partial(self._generate, name)
+        )
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                partial(
-                    read_source,
-                    exchange,
-                    self.send_batch,
-                    self.stats[exchange.name],
-                    symbols=app.symbols,
-                    max_line_bytes=app.max_line_bytes,
-                    max_skew_ms=app.max_clock_skew_s * 1000,
-                    max_future_ms=app.max_future_skew_ms,
-                    stale_after_s=app.stale_after_s,
-                    reconnect_max_delay_s=app.reconnect_max_delay_s,
-                    clock=self.clock,
-                )
-            )
-            task_status.started()
+            if self.owner is None:
+                nursery.start_soon(run)
+            else:
+                nursery.start_soon(self.owner, name, run)
 
-    async def _run_generator(
-        self, name: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def _read(self, exchange: ExchangeConfig) -> None:
+        app = self.config.app
+        await read_source(
+            exchange,
+            self.send_batch,
+            self.stats[exchange.name],
+            symbols=app.symbols,
+            max_line_bytes=app.max_line_bytes,
+            max_skew_ms=app.max_clock_skew_s * 1000,
+            max_future_ms=app.max_future_skew_ms,
+            stale_after_s=app.stale_after_s,
+            reconnect_max_delay_s=app.reconnect_max_delay_s,
+            clock=self.clock,
+        )
+
+    async def _generate(self, name: str) -> None:
         """One test source: the generator, handing its batches to the pipeline."""
         stats = self.stats[name]
         stats.status = SourceStatus.CONNECTED
@@ -280,12 +279,14 @@ class Pipeline:
             stats.last_message_at = trio.current_time()
             await self.send_batch(source, ticks)
 
-        task_status.started()
-        await generate(
-            name,
-            list(self.config.app.symbols),
-            self.config.test.rate,
-            send,
-            seed=None,
-            clock=self.clock,
-        )
+        try:
+            await generate(
+                name,
+                list(self.config.app.symbols),
+                self.config.test.rate,
+                send,
+                seed=None,
+                clock=self.clock,
+            )
+        finally:
+            stats.status = SourceStatus.DISCONNECTED

@@ -32,8 +32,9 @@ class FlushPlan:
     touched: list[Key]
     now_s: int
     meta: list[KeyMeta] = attrs.Factory(list)
-    # The windows of `touched` are replaced whole (deleted first): after a restore or an outage.
-    rewrite: bool = False
+    # These keys' windows are replaced whole (deleted first): after a restore or an outage.
+    rewritten: list[Key] = attrs.Factory(list)
+    rewrite: bool = False  # any key rewritten
     message: bytes | None = None  # published on the `updates` channel in the same round
 
 
@@ -65,7 +66,21 @@ class Subscription(Protocol):
     def close(self) -> None: ...
 
 
-class LiveStore(Protocol):
+class LeaseStore(Protocol):
+    """Leases per source in Redis (contract: roles); blocking, like every store port."""
+
+    def acquire_lease(self, source: str, instance: str, ttl_ms: int) -> int | None:
+        """The new epoch when the lease was free and is now ours; None when held."""
+        ...
+
+    def renew_lease(self, source: str, instance: str, ttl_ms: int) -> bool: ...
+
+    def release_lease(self, source: str, instance: str) -> None: ...
+
+    def lease_holder(self, source: str) -> str | None: ...
+
+
+class LiveStore(LeaseStore, Protocol):
     """What processes share through Redis besides the prices (contract: Redis, roles): the
     mode, each ingesting instance's status, the `updates` and `control` channels, and a
     whole-state read for mirrors."""
@@ -104,8 +119,9 @@ class AggregateStore(Protocol):
         """Create the database if missing and apply pending migrations under an advisory lock."""
         ...
 
-    def upsert(self, rows: Sequence[MinuteRow]) -> None:
-        """Write rows idempotently (insert or overwrite on the unique key) in one transaction."""
+    def upsert(self, rows: Sequence[MinuteRow]) -> int:
+        """Write rows idempotently (insert or overwrite on the unique key) in one transaction;
+        return how many were refused by fencing (a source's rows under an older epoch)."""
         ...
 
     def rows(self, exchange: str, symbol: str, from_ms: int, to_ms: int) -> list[MinuteRow]:

@@ -103,6 +103,35 @@ def read_redis(
     return store.read_windows(keys, since_s), store.read_latest(keys)
 
 
+async def prepare_postgres(
+    store: AggregateStore,
+    *,
+    replay_journal: Callable[[], Awaitable[bool]],
+    postgres_health: StoreHealth,
+    limiter: trio.CapacityLimiter,
+    retry_cap_s: float = 10.0,
+) -> None:
+    """Migrations, then the journal a previous run left, committed — retried with backoff until
+    PostgreSQL answers, with no deadline; cancellable while it waits."""
+    backoff = Backoff(0.5, retry_cap_s)
+    while True:
+        try:
+            await trio.to_thread.run_sync(store.migrate, limiter=limiter)
+            if await replay_journal():
+                postgres_health.wrote()
+                return
+            error = postgres_health.error or "journal replay failed"
+        except Exception as exc:
+            postgres_health.write_failed(exc)
+            error = describe(exc)
+        delay = backoff.next()
+        log.warning(
+            "waiting for postgres to resume the open minutes; no source starts before",
+            extra={"ctx": {"error": error, "retry_in_s": round(delay, 1)}},
+        )
+        await trio.sleep(delay)
+
+
 async def restore(
     state: MarketState,
     keys: Sequence[Key],
@@ -125,7 +154,6 @@ async def restore(
     backoff = Backoff(0.5, retry_cap_s)
     while True:
         try:
-            await trio.to_thread.run_sync(aggregate_store.migrate, limiter=postgres_limiter)
             if await replay_journal():
                 rows = await trio.to_thread.run_sync(
                     read_rows, aggregate_store, keys, horizon_s * 1000, limiter=postgres_limiter

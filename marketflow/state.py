@@ -43,12 +43,14 @@ class KeyState:
         "meta_dirty",
         "minute_base",
         "minutes_dirty",
+        "owned",
         "redis_dirty",
+        "rewrite",
         "source",
         "symbol",
     )
 
-    def __init__(self, source: str, symbol: str) -> None:
+    def __init__(self, source: str, symbol: str, owned: bool = True) -> None:
         self.source = source
         self.symbol = symbol
         self.latest_price = 0.0
@@ -61,6 +63,10 @@ class KeyState:
         self.minutes_dirty: set[int] = set()
         self.horizon_s = 0
         self.meta_dirty = False  # horizon or resumed rows changed since the last flush
+        # Ingested (and so flushed, written, pruned) by this process; False for a key mirrored
+        # from another instance that holds its source's lease.
+        self.owned = owned
+        self.rewrite = True  # the next flush replaces this key's window whole
 
     def fold(self, ticks: Iterable[Tick], refuse_new_minutes: bool = False) -> tuple[int, int]:
         """Fold ticks in arrival order. Returns (late, refused): ticks too old to be held, and
@@ -164,8 +170,11 @@ class KeyState:
 class MarketState:
     """Every key's state, plus the counters that span keys."""
 
-    def __init__(self, window_seconds: int) -> None:
+    def __init__(self, window_seconds: int, *, owned_by_default: bool = True) -> None:
         self.window_seconds = window_seconds
+        # A process that holds sources by lease creates its keys as not owned: a key becomes
+        # owned when its source is taken over (restored), never by accident.
+        self.owned_by_default = owned_by_default
         self.keys: dict[Key, KeyState] = {}
         self.late = 0
         self.refused = 0  # ticks refused while `refuse_new_minutes` (pending_rows_max reached)
@@ -173,27 +182,28 @@ class MarketState:
         # Set by the aggregator while rows can be written neither to PostgreSQL nor the journal
         # and `pending_rows_max` of them are held: ticks opening a new minute are refused.
         self.refuse_new_minutes = False
-        # Set when Redis may have lost what we wrote (it was down): the next flush rewrites all.
-        self.redis_rewrite_all = True
 
     def key(self, source: str, symbol: str) -> KeyState:
         state = self.keys.get((source, symbol))
         if state is None:
-            state = self.keys[(source, symbol)] = KeyState(source, symbol)
+            state = self.keys[(source, symbol)] = KeyState(source, symbol, self.owned_by_default)
         return state
 
     # --- Redis flush -------------------------------------------------------------------------
 
     def take_flush(self, now_s: int) -> FlushPlan | None:
-        """Copies of what changed since the last flush. After a restore or a Redis outage
-        (`redis_rewrite_all`), every key: windows replaced whole, so Redis never keeps a bucket
-        this process does not hold."""
-        rewrite = self.redis_rewrite_all
+        """Copies of what changed since the last flush, for the keys this process owns. A key
+        marked `rewrite` (restored, or Redis was down) has its window replaced whole, so Redis
+        never keeps a bucket this process does not hold."""
         keep_from = now_s - self.window_seconds
         latest: list[LatestPrice] = []
         buckets: dict[Key, list[tuple[int, Bucket]]] = {}
         meta: list[KeyMeta] = []
+        rewritten: list[Key] = []
         for key, st in self.keys.items():
+            if not st.owned:
+                continue
+            rewrite = st.rewrite
             if st.latest_ts >= 0 and (rewrite or st.latest_dirty):
                 latest.append(LatestPrice(st.source, st.symbol, st.latest_price, st.latest_ts))
                 st.latest_dirty = False
@@ -205,13 +215,27 @@ class MarketState:
             if rewrite or st.meta_dirty:
                 meta.append(st.meta())
                 st.meta_dirty = False
-        self.redis_rewrite_all = False
-        if not latest and not buckets and not meta and not rewrite:
+            if rewrite:
+                rewritten.append(key)
+                st.rewrite = False
+        if not latest and not buckets and not meta:
             return None
-        touched = list(self.keys) if rewrite else list(buckets)
+        touched = list(dict.fromkeys([*buckets, *rewritten]))
         return FlushPlan(
-            latest=latest, buckets=buckets, touched=touched, now_s=now_s, meta=meta, rewrite=rewrite
+            latest=latest,
+            buckets=buckets,
+            touched=touched,
+            now_s=now_s,
+            meta=meta,
+            rewrite=bool(rewritten),
+            rewritten=rewritten,
         )
+
+    def rewrite_all(self) -> None:
+        """Redis may have lost what was written (it was down): rewrite every owned key."""
+        for st in self.keys.values():
+            if st.owned:
+                st.rewrite = True
 
     def oldest_dirty_minute(self) -> int | None:
         """The oldest minute (number) changed but not yet taken for writing."""
@@ -229,7 +253,7 @@ class MarketState:
         """Rows of changed minutes that end at or before `before_ms` (None: every changed one)."""
         rows: list[MinuteRow] = []
         for st in self.keys.values():
-            if not st.minutes_dirty:
+            if not st.minutes_dirty or not st.owned:
                 continue
             done = [
                 m for m in st.minutes_dirty if before_ms is None or (m + 1) * 60_000 <= before_ms
@@ -244,7 +268,8 @@ class MarketState:
     def prune(self, now_s: int) -> None:
         keep_from = now_s - self.window_seconds
         for st in self.keys.values():
-            st.prune(keep_from)
+            if st.owned:  # a mirrored key follows its owner's horizon
+                st.prune(keep_from)
 
     # --- reads for the API -------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ PostgreSQL)."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -18,7 +19,7 @@ from marketflow.models import MinuteRow
 
 log = logging.getLogger("marketflow.journal")
 
-FORMAT_VERSION = 2  # 2 adds each row's first and last tick time; 1 still reads
+FORMAT_VERSION = 2  # 2 adds each row's first and last tick time and epoch; 1 still reads
 
 
 def encode_batch(rows: Sequence[MinuteRow]) -> bytes:
@@ -39,6 +40,7 @@ def encode_batch(rows: Sequence[MinuteRow]) -> bytes:
                     r.close,
                     r.open_ms,
                     r.close_ms,
+                    r.epoch,
                 ]
                 for r in rows
             ],
@@ -69,9 +71,9 @@ def _row(fields: list[Any]) -> MinuteRow:
     row = MinuteRow(
         str(e), str(s), int(m), int(c), float(t), float(lo), float(hi), float(o), float(cl)
     )
-    if times:
-        open_ms, close_ms = times
-        row = attrs.evolve(row, open_ms=int(open_ms), close_ms=int(close_ms))
+    if times:  # version 2: the tick times and the writer's lease epoch
+        open_ms, close_ms, epoch = times
+        row = attrs.evolve(row, open_ms=int(open_ms), close_ms=int(close_ms), epoch=int(epoch))
     return row
 
 
@@ -86,6 +88,7 @@ class FileJournal:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self.slot_fd: int | None = None  # the slot lock (claim_journal), held while we live
         self._lock = threading.Lock()
         self._size = 0  # bytes of whole lines in the file
         self._rows = 0
@@ -182,3 +185,62 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+MAX_SLOTS = 64
+
+
+def claim_journal(data_dir: str | os.PathLike[str]) -> FileJournal:
+    """This process's own journal in `data_dir` (contract: journals are per instance).
+
+    Slot N is `journal.ndjson` (N = 0) or `journal.N.ndjson`, held by an fcntl lock on
+    `journal.N.lock` for the life of the process: processes on one machine never share a file.
+    The lowest free slot is taken; a slot whose lock is free but whose file holds batches (its
+    process died) is adopted: its batches are appended to ours (fsync) before it is emptied, so
+    they are replayed with ours — fencing refuses any that an instance with a newer epoch of the
+    same source has overwritten meanwhile.
+    """
+    directory = Path(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    mine: FileJournal | None = None
+    for slot in range(MAX_SLOTS):
+        fd = _try_lock(directory / f"journal.{slot}.lock")
+        if fd is None:
+            continue
+        if mine is None:
+            mine = FileJournal(_slot_path(directory, slot))
+            mine.slot_fd = fd
+            continue
+        path = _slot_path(directory, slot)
+        try:
+            if path.exists() and path.stat().st_size:
+                orphan = FileJournal(path)
+                adopted = 0
+                for batch in orphan.batches():
+                    mine.append(batch)
+                    adopted += len(batch)
+                orphan.truncate()
+                log.warning(
+                    "adopted the journal of a process that is gone",
+                    extra={"ctx": {"path": str(path), "rows": adopted}},
+                )
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+    if mine is None:
+        raise RuntimeError(f"all {MAX_SLOTS} journal slots in {directory} are held")
+    return mine
+
+
+def _slot_path(directory: Path, slot: int) -> Path:
+    return directory / ("journal.ndjson" if slot == 0 else f"journal.{slot}.ndjson")
+
+
+def _try_lock(path: Path) -> int | None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd

@@ -19,6 +19,7 @@ class MemoryAggregateStore:
 
     def __init__(self) -> None:
         self.data: dict[tuple[str, str, int], MinuteRow] = {}
+        self.epochs: dict[str, int] = {}  # the newest lease epoch seen per source
         self.batches: list[list[MinuteRow]] = []
         self.fail_with: Exception | None = None
         self.migrated = False
@@ -33,12 +34,21 @@ class MemoryAggregateStore:
         self._check()
         self.migrated = True
 
-    def upsert(self, rows: Sequence[MinuteRow]) -> None:
+    def upsert(self, rows: Sequence[MinuteRow]) -> int:
+        """As PostgreSQL: rows of a source under an older epoch than its newest are refused."""
         self._check()
+        refused = 0
         with self._lock:
             self.batches.append(list(rows))
             for row in rows:
+                if row.epoch > 0:
+                    self.epochs[row.exchange] = max(self.epochs.get(row.exchange, 0), row.epoch)
+            for row in rows:
+                if 0 < row.epoch < self.epochs.get(row.exchange, 0):
+                    refused += 1
+                    continue
                 self.data[(row.exchange, row.symbol, row.minute)] = row
+        return refused
 
     def rows(self, exchange: str, symbol: str, from_ms: int, to_ms: int) -> list[MinuteRow]:
         self._check()

@@ -37,13 +37,13 @@ UPSERT_CHUNK = 1000
 UPSERT_SQL = """
 INSERT INTO aggregates AS a
     (exchange, pair_name, "timestamp", tick_count, average_price, min_price, max_price,
-     open_price, close_price, open_time, close_time)
+     open_price, close_price, open_time, close_time, epoch)
 SELECT e, s, timestamptz 'epoch' + m * interval '1 millisecond', c, av, lo, hi, op, cl,
        timestamptz 'epoch' + ot * interval '1 millisecond',
-       timestamptz 'epoch' + ct * interval '1 millisecond'
+       timestamptz 'epoch' + ct * interval '1 millisecond', ep
   FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::float8[], %s::float8[],
-              %s::float8[], %s::float8[], %s::float8[], %s::bigint[], %s::bigint[])
-       AS u (e, s, m, c, av, lo, hi, op, cl, ot, ct)
+              %s::float8[], %s::float8[], %s::float8[], %s::bigint[], %s::bigint[], %s::bigint[])
+       AS u (e, s, m, c, av, lo, hi, op, cl, ot, ct, ep)
 ON CONFLICT (exchange, pair_name, "timestamp") DO UPDATE SET
     tick_count = EXCLUDED.tick_count,
     average_price = EXCLUDED.average_price,
@@ -52,13 +52,24 @@ ON CONFLICT (exchange, pair_name, "timestamp") DO UPDATE SET
     open_price = EXCLUDED.open_price,
     close_price = EXCLUDED.close_price,
     open_time = EXCLUDED.open_time,
-    close_time = EXCLUDED.close_time
+    close_time = EXCLUDED.close_time,
+    epoch = EXCLUDED.epoch
 -- A replay of identical values writes nothing (no dead tuple, no rollup refresh).
 WHERE (a.tick_count, a.average_price, a.min_price, a.max_price, a.open_price, a.close_price,
        a.open_time, a.close_time)
       IS DISTINCT FROM (EXCLUDED.tick_count, EXCLUDED.average_price, EXCLUDED.min_price,
                         EXCLUDED.max_price, EXCLUDED.open_price, EXCLUDED.close_price,
                         EXCLUDED.open_time, EXCLUDED.close_time)
+"""
+
+# Fencing: register each source's epoch (the newest wins) and read it back, locking the source's
+# row until the batch commits, so a writer under an older epoch is refused consistently.
+FENCE_SQL = """
+INSERT INTO source_epochs AS f (exchange, epoch)
+SELECT e, max(ep) FROM unnest(%s::text[], %s::bigint[]) AS u (e, ep) WHERE ep > 0 GROUP BY e
+ ORDER BY e
+ON CONFLICT (exchange) DO UPDATE SET epoch = greatest(f.epoch, EXCLUDED.epoch)
+RETURNING exchange, epoch
 """
 
 # Rows written before migration 0003 have no tick times: read as the minute's start and end.
@@ -228,9 +239,14 @@ class PostgresAggregateStore:
     # -- AggregateStore ---------------------------------------------------------------------
 
     def migrate(self) -> None:
+        """Apply pending migrations (once per store: later calls return at once)."""
+        if self._migrated:
+            return
         self._call(self._apply_migrations, migrating=True)
 
-    def upsert(self, rows: Sequence[MinuteRow]) -> None:
+    def upsert(self, rows: Sequence[MinuteRow]) -> int:
+        """Write `rows` in one transaction; returns how many were refused by fencing (rows of a
+        source under an older epoch than the newest seen for it)."""
         latest = {(r.exchange, r.symbol, r.minute): r for r in rows}  # the last one wins
         for row in latest.values():
             if row.minute % MINUTE_MS or row.count <= 0:
@@ -238,14 +254,23 @@ class PostgresAggregateStore:
         # Key order: concurrent writers lock the same rows in the same order.
         batch = sorted(latest.values(), key=lambda r: (r.exchange, r.symbol, r.minute))
         if not batch:
-            return
+            return 0
 
-        def write(conn: Connection) -> None:
+        def write(conn: Connection) -> int:
             with conn.transaction(), conn.cursor() as cur:
-                for start in range(0, len(batch), UPSERT_CHUNK):
-                    cur.execute(UPSERT_SQL, upsert_params(batch[start : start + UPSERT_CHUNK]))
+                fenced = [r for r in batch if r.epoch > 0]
+                newest: dict[str, int] = {}
+                if fenced:
+                    cur.execute(
+                        FENCE_SQL, ([r.exchange for r in fenced], [r.epoch for r in fenced])
+                    )
+                    newest = {exchange: epoch for exchange, epoch in cur.fetchall()}
+                accepted = [r for r in batch if r.epoch == 0 or r.epoch >= newest[r.exchange]]
+                for start in range(0, len(accepted), UPSERT_CHUNK):
+                    cur.execute(UPSERT_SQL, upsert_params(accepted[start : start + UPSERT_CHUNK]))
+                return len(batch) - len(accepted)
 
-        self._call(write)
+        return self._call(write)
 
     def rows(self, exchange: str, symbol: str, from_ms: int, to_ms: int) -> list[MinuteRow]:
         params = {"exchange": exchange, "symbol": symbol, "from_ms": max(from_ms, MIN_MS)}
@@ -457,4 +482,5 @@ def upsert_params(rows: Sequence[MinuteRow]) -> tuple[list[Any], ...]:
         [r.close for r in rows],
         [r.open_ms for r in rows],
         [r.close_ms for r in rows],
+        [r.epoch for r in rows],
     )

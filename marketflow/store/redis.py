@@ -19,6 +19,15 @@ from marketflow.live import KeyMeta, meta_fields, meta_from_fields
 from marketflow.models import Bucket, Key, LatestPrice, decode_bucket, encode_bucket
 from marketflow.ports import FlushPlan
 
+_RENEW = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+)
+_RELEASE = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('del', KEYS[1]) else return 0 end"
+)
+
 
 class RedisPriceStore:
     """Owns one redis-py client (its own small connection pool)."""
@@ -59,9 +68,8 @@ class RedisPriceStore:
 
     def write(self, plan: FlushPlan) -> None:
         pipe = self._client.pipeline(transaction=False)
-        if plan.rewrite:
-            for key in plan.touched:
-                pipe.delete(self.window_key(key))
+        for key in plan.rewritten:
+            pipe.delete(self.window_key(key))
         for latest in plan.latest:
             name = self.latest_key((latest.source, latest.symbol))
             pipe.hset(name, mapping={"price": repr(latest.price), "ts": str(latest.ts)})
@@ -103,6 +111,32 @@ class RedisPriceStore:
             if meta is not None:
                 metas[key] = meta
         return windows, latest, metas
+
+    # -- leases (contract: roles) ------------------------------------------------------------
+
+    def lease_key(self, source: str) -> str:
+        return f"{self.prefix}lease:{{{source}}}"
+
+    def acquire_lease(self, source: str, instance: str, ttl_ms: int) -> int | None:
+        """Take `lease:{SOURCE}` if free (SET NX PX) and return a new epoch (INCR
+        epoch:{SOURCE}); None when another instance holds it. A lease already ours is renewed
+        and keeps no epoch: the caller already has one."""
+        name = self.lease_key(source)
+        if self._client.set(name, instance, nx=True, px=ttl_ms):
+            return int(self._client.incr(f"{self.prefix}epoch:{{{source}}}"))
+        return None
+
+    def renew_lease(self, source: str, instance: str, ttl_ms: int) -> bool:
+        """Compare-and-renew: True while the lease is still ours."""
+        return bool(self._client.eval(_RENEW, 1, self.lease_key(source), instance, ttl_ms))
+
+    def release_lease(self, source: str, instance: str) -> None:
+        """Compare-and-delete: never releases another instance's lease."""
+        self._client.eval(_RELEASE, 1, self.lease_key(source), instance)
+
+    def lease_holder(self, source: str) -> str | None:
+        value = self._client.get(self.lease_key(source))
+        return None if value is None else str(value)
 
     # -- shared mode, instance status, channels ---------------------------------------------
 

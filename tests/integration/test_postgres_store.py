@@ -95,6 +95,7 @@ def test_migrate_creates_schema_and_records_each_migration(pg_config: PostgresCo
         "close_price": "double precision",
         "open_time": "timestamp with time zone",
         "close_time": "timestamp with time zone",
+        "epoch": "bigint",
     }
     assert any(
         "CREATE UNIQUE INDEX" in d and '(exchange, pair_name, "timestamp")' in d for d in indexes
@@ -207,6 +208,29 @@ def test_upsert_then_rows_round_trip(store: PostgresAggregateStore) -> None:
     assert store.rows("ex1", "BTCUSDT", T0 + M, T0 + 3 * M) == wanted[1:3]
     assert store.rows("ex2", "BTCUSDT", T0, T0 + H) == [row(T0, exchange="ex2")]
     assert store.rows("ex3", "BTCUSDT", T0, T0 + H) == []
+
+
+def test_rows_under_an_older_epoch_are_refused_and_counted(
+    store: PostgresAggregateStore, pg_config: PostgresConfig
+) -> None:
+    """Fencing: once a source's rows came with epoch 7, rows of an older epoch (a cut-off
+    former holder, or its journal replayed later) are refused; epoch 0 (no lease) is not fenced;
+    other sources are not affected."""
+    new_holder = [attrs.evolve(row(T0, 5, 500.0), epoch=7)]
+    assert store.upsert(new_holder) == 0
+    stale = [attrs.evolve(row(T0, 2, 200.0), epoch=6), attrs.evolve(row(T0 + M, 1), epoch=6)]
+    assert store.upsert(stale) == 2
+    assert [r.count for r in store.rows("ex1", "BTCUSDT", T0, T0 + H)] == [5]
+    other_source = [attrs.evolve(row(T0, 3, 300.0, exchange="ex2"), epoch=1)]
+    assert store.upsert(other_source) == 0
+    assert store.upsert([attrs.evolve(row(T0 + 2 * M, 4, 400.0), epoch=0)]) == 0
+    assert store.upsert([attrs.evolve(row(T0 + 3 * M, 1), epoch=8)]) == 0  # a newer one
+    assert store.upsert([attrs.evolve(row(T0 + 4 * M, 1), epoch=7)]) == 1  # now 7 is old
+    found = {r.minute: r.count for r in store.rows("ex1", "BTCUSDT", T0, T0 + H)}
+    assert found == {T0: 5, T0 + 2 * M: 4, T0 + 3 * M: 1}
+    with connect(pg_config) as conn:
+        epochs = dict(conn.execute("SELECT exchange, epoch FROM source_epochs").fetchall())
+    assert epochs == {"ex1": 8, "ex2": 1}
 
 
 def test_upsert_overwrites_a_minute_with_its_latest_totals(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from marketflow.models import Extreme, MinuteRow, RangeStats
@@ -62,3 +63,11 @@ def test_fail_with_makes_every_call_raise() -> None:
         store.ping()
     store.fail_with = None
     assert store.data == {} and store.ping() == 0.0
+
+
+def test_the_fake_fences_like_postgres() -> None:
+    store = MemoryAggregateStore()
+    assert store.upsert([attrs.evolve(row(T0, 1, 1.0, 1.0, 1.0), epoch=3)]) == 0
+    assert store.upsert([attrs.evolve(row(T0, 9, 9.0, 1.0, 1.0), epoch=2)]) == 1
+    assert store.upsert([attrs.evolve(row(T0 + M, 1, 1.0, 1.0, 1.0), epoch=0)]) == 0
+    assert [r.count for r in store.rows("ex1", "BTCUSDT", T0, T0 + 2 * M)] == [1, 1]

@@ -88,8 +88,8 @@ def test_pruned_minutes_make_older_ticks_late() -> None:
 
 def test_flush_plan_has_changed_seconds_only_then_everything_after_rewrite() -> None:
     ms = MarketState(window_seconds=300)
-    ms.redis_rewrite_all = False
     st = ms.key("ex", "BTCUSDT")
+    st.rewrite = False
     st.fold([("BTCUSDT", 1.0, T0), ("BTCUSDT", 2.0, T0 + 1000)])
     plan = ms.take_flush(T0 // 1000 + 2)
     assert plan is not None and len(plan.buckets[("ex", "BTCUSDT")]) == 2
@@ -97,9 +97,22 @@ def test_flush_plan_has_changed_seconds_only_then_everything_after_rewrite() -> 
     st.fold([("BTCUSDT", 3.0, T0 + 1500)])
     plan = ms.take_flush(T0 // 1000 + 2)
     assert plan is not None and [s for s, _ in plan.buckets[("ex", "BTCUSDT")]] == [T0 // 1000 + 1]
-    ms.redis_rewrite_all = True
+    ms.rewrite_all()  # Redis was down: every owned key's window replaced whole
     plan = ms.take_flush(T0 // 1000 + 2)
     assert plan is not None and len(plan.buckets[("ex", "BTCUSDT")]) == 2 and len(plan.latest) == 1
+    assert plan.rewritten == [("ex", "BTCUSDT")] and plan.rewrite
+
+
+def test_keys_another_instance_owns_are_never_flushed_written_or_pruned() -> None:
+    ms = MarketState(window_seconds=300, owned_by_default=False)
+    mirrored = ms.key("ex", "BTCUSDT")
+    mirrored.fold([("BTCUSDT", 1.0, T0)])
+    mirrored.meta_dirty = True
+    assert not mirrored.owned
+    assert ms.take_flush(T0 // 1000 + 2) is None
+    assert ms.take_minutes(None) == []
+    ms.prune(T0 // 1000 + 10_000)
+    assert mirrored.buckets  # its owner's horizon decides, not ours
 
 
 def test_bucket_encoding_round_trips_floats_exactly() -> None:
