@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -173,22 +174,27 @@ def build_node(
     return node
 
 
+def hypercorn_settings(config: Config) -> dict[str, Any]:
+    """Hypercorn settings: bounded request sizes and timeouts so slow clients cannot pile up.
+    The `marketflow` command and Hypercorn's own (`marketflow.hypercorn_config`) use these."""
+    return {
+        "bind": [f"{config.http.host}:{config.http.port}"],
+        "accesslog": None,
+        "errorlog": None,
+        "graceful_timeout": max(1.0, config.app.shutdown_timeout_s / 2),
+        "keep_alive_timeout": 30,
+        "read_timeout": 30,
+        "h11_max_incomplete_size": 16 * 1024,  # request line + headers
+        "websocket_max_message_size": 64 * 1024,
+        # Hypercorn (trio) closes a WebSocket's socket only once the connection's ping task
+        # wakes up and sees it closed: a client that vanishes without a close frame holds its
+        # socket and task for up to this interval. 5 s keeps that bounded (tests/faults).
+        "websocket_ping_interval": 5,
+    }
+
+
 def hypercorn_config(config: Config) -> HypercornConfig:
-    """Hypercorn settings: bounded request sizes and timeouts so slow clients cannot pile up."""
-    hc = HypercornConfig()
-    hc.bind = [f"{config.http.host}:{config.http.port}"]
-    hc.accesslog = None
-    hc.errorlog = None
-    hc.graceful_timeout = max(1.0, config.app.shutdown_timeout_s / 2)
-    hc.keep_alive_timeout = 30
-    hc.read_timeout = 30
-    hc.h11_max_incomplete_size = 16 * 1024  # request line + headers
-    hc.websocket_max_message_size = 64 * 1024
-    # Hypercorn (trio) closes a WebSocket's socket only once the connection's ping task wakes up
-    # and sees it closed: a client that vanishes without a close frame holds its socket and task
-    # for up to this interval. 5 s keeps that bounded (tests/faults/test_http.py).
-    hc.websocket_ping_interval = 5
-    return hc
+    return HypercornConfig.from_mapping(hypercorn_settings(config))
 
 
 async def serve(

@@ -153,8 +153,6 @@ def build_routes(config: Config, ref: NodeRef) -> list[Route]:
         Route("POST", "/mode/{name}", set_mode),
         Route("GET", "/openapi.json", openapi),
     ]
-    if config.app.role == "ingest":  # an ingest process serves no market data
-        return operations
     return [
         *operations,
         Route("GET", "/prices/latest/{exchange}/{symbol}", latest_for_source),
