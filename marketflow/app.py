@@ -160,7 +160,7 @@ def build_node(
         locks=FileLocks(app.data_dir),
         take_over=ingest.take_over,
         give_up=ingest.give_up,
-        set_epoch=ingest.set_epoch,
+        set_epoch=ingest.refence,
     )
     ingest.pipeline.owner = ingest.ownership.hold
     if live is not None:

@@ -29,10 +29,11 @@ from typing import Any
 import trio
 
 from marketflow.aggregation import Aggregator
+from marketflow.backoff import Backoff
 from marketflow.config import Config
 from marketflow.coordination import Coordinator
 from marketflow.flusher import RedisFlusher
-from marketflow.health import StoreHealth
+from marketflow.health import StoreHealth, describe
 from marketflow.leases import Ownership
 from marketflow.metrics import Metrics
 from marketflow.models import Key, Mode
@@ -166,10 +167,41 @@ class Ingest:
             for key in keys:
                 st = self.state.keys[key]
                 st.owned = st.rewrite = st.meta_dirty = True
+        await self.fence(source, epoch)
         self.set_epoch(source, epoch)
+
+    async def fence(self, source: str, epoch: int) -> None:
+        """Register `epoch` in PostgreSQL before ingesting under it, so a former holder's late
+        rows are refused even before this process writes its first one; retried until
+        PostgreSQL answers (nothing may be written under an unfenced epoch)."""
+        if epoch == 0:
+            return
+        backoff = Backoff(0.5, 10.0)
+        while True:
+            try:
+                await trio.to_thread.run_sync(
+                    self.aggregate_store.register_epoch,
+                    source,
+                    epoch,
+                    limiter=self.aggregator.limiter,
+                )
+                return
+            except Exception as exc:
+                self.postgres_health.write_failed(exc)
+                delay = backoff.next()
+                log.warning(
+                    "waiting for postgres to fence the source's new epoch",
+                    extra={"ctx": {"source": source, "error": describe(exc)}},
+                )
+                await trio.sleep(delay)
 
     def set_epoch(self, source: str, epoch: int) -> None:
         self.aggregator.epochs[source] = epoch
+
+    async def refence(self, source: str, epoch: int) -> None:
+        """A lease taken again while ingesting (after the guard was off, or it expired)."""
+        await self.fence(source, epoch)
+        self.set_epoch(source, epoch)
 
     def give_up(self, source: str) -> None:
         """`source` is held elsewhere: its keys are no longer ours (a mirror may fill them)."""

@@ -77,7 +77,7 @@ def _safe(name: str) -> str:
 
 TakeOver = Callable[[str, int], Awaitable[None]]
 Release = Callable[[str], None]
-SetEpoch = Callable[[str, int], None]
+SetEpoch = Callable[[str, int], Awaitable[None]]
 
 
 class Ownership:
@@ -131,8 +131,9 @@ class Ownership:
             while True:
                 if not self.locks.try_lock(source):
                     if noted != "local":
+                        what = "serving it from redis" if self.role == "all" else "standing by"
                         log.info(
-                            "source held by another process on this machine",
+                            f"source held by another process on this machine; {what}",
                             extra={"ctx": {"source": source}},
                         )
                         noted = "local"
@@ -266,7 +267,7 @@ class Ownership:
                 )
                 return
             self.held[source] = new
-            self.set_epoch(source, new)
+            await self.set_epoch(source, new)
             last_ok = trio.current_time()
             log.info(
                 "lease taken again; rows carry the new epoch",

@@ -221,7 +221,7 @@ class Node:
             not self.redis_health.up
             or not self.postgres_health.up
             or body_pipeline["pending_rows"] > 0
-            or any(pipeline.stats[n].status is not SourceStatus.CONNECTED for n in current)
+            or any(sources[n]["status"] != SourceStatus.CONNECTED.value for n in current)
         ):
             status = "degraded"
         else:

@@ -124,6 +124,10 @@ class AggregateStore(Protocol):
         return how many were refused by fencing (a source's rows under an older epoch)."""
         ...
 
+    def register_epoch(self, exchange: str, epoch: int) -> int:
+        """Fence the source at `epoch` now (not at its first row); returns the newest epoch."""
+        ...
+
     def rows(self, exchange: str, symbol: str, from_ms: int, to_ms: int) -> list[MinuteRow]:
         """Rows with from_ms <= minute < to_ms, oldest first."""
         ...

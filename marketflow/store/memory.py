@@ -50,6 +50,12 @@ class MemoryAggregateStore:
                 self.data[(row.exchange, row.symbol, row.minute)] = row
         return refused
 
+    def register_epoch(self, exchange: str, epoch: int) -> int:
+        self._check()
+        with self._lock:
+            self.epochs[exchange] = max(self.epochs.get(exchange, 0), epoch)
+            return self.epochs[exchange]
+
     def rows(self, exchange: str, symbol: str, from_ms: int, to_ms: int) -> list[MinuteRow]:
         self._check()
         return self._select(exchange, symbol, from_ms, to_ms)

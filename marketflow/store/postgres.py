@@ -272,6 +272,17 @@ class PostgresAggregateStore:
 
         return self._call(write)
 
+    def register_epoch(self, exchange: str, epoch: int) -> int:
+        """Make `epoch` the source's newest (if it is): from now on rows under an older one are
+        refused, even before this holder writes its first row. Returns the newest epoch."""
+
+        def write(conn: Connection) -> int:
+            found = conn.execute(FENCE_SQL, ([exchange], [epoch])).fetchone()
+            assert found is not None
+            return int(found[1])
+
+        return self._call(write)
+
     def rows(self, exchange: str, symbol: str, from_ms: int, to_ms: int) -> list[MinuteRow]:
         params = {"exchange": exchange, "symbol": symbol, "from_ms": max(from_ms, MIN_MS)}
         params["to_ms"] = min(to_ms, MAX_MS)
