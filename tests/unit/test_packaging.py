@@ -72,10 +72,16 @@ def test_compose_file_is_valid_and_binds_all_interfaces_explicitly() -> None:
 
     config = json.loads(done.stdout)
     services = config["services"]
-    assert {"postgres", "redis", "marketflow", "exchange1", "exchange2", "exchange3"} <= set(
+    assert {"postgres", "redis", "ingest", "api", "exchange1", "exchange2", "exchange3"} <= set(
         services
     )
-    assert services["marketflow"]["environment"]["MARKETFLOW_HTTP_HOST"] == "0.0.0.0"
+    assert services["api"]["environment"]["MARKETFLOW_HTTP_HOST"] == "0.0.0.0"
+    # The split of the contract's roles: one ingest, Hypercorn workers serving as api.
+    assert "--role" in services["ingest"]["command"] and "ingest" in services["ingest"]["command"]
+    api = services["api"]
+    assert api["environment"]["MARKETFLOW_APP_ROLE"] == "api"
+    assert api["entrypoint"] == ["hypercorn"] and "--workers" in api["command"]
+    assert "python:marketflow.hypercorn_config" in api["command"]
 
 
 def test_default_config_binds_loopback_only() -> None:
