@@ -243,6 +243,103 @@ def ws_rows(records: list[Record]) -> list[Row]:
     return rows
 
 
+def roles_rows(records: list[Record]) -> list[Row]:
+    rows: list[Row] = []
+    by = {r["case"]: r for r in records}
+    bare = next((r for r in records if r.get("setup") == "bare"), None)
+    for endpoint in ("latest", "highest 1m"):
+        single = next(
+            (r for r in records if r.get("setup") == "single" and r.get("endpoint") == endpoint),
+            None,
+        )
+        split = next(
+            (r for r in records if r.get("setup") == "split" and r.get("endpoint") == endpoint),
+            None,
+        )
+        if single is None or split is None:
+            continue
+        ratio = split["requests_per_s"] / max(1, single["requests_per_s"])
+        share = split["requests_per_s"] / bare["requests_per_s"] if bare else None
+        rows.append(
+            (
+                f"Scale-out, `{endpoint}` at 64 connections while ingesting 10,000 updates/s: "
+                "ingest + Hypercorn --workers 2 (role api) vs one `all` process",
+                f"{n(split['requests_per_s'])} vs {n(single['requests_per_s'])} req/s "
+                f"({ratio:.2f}x; {n(100 * share) if share else '-'} % of the 2-worker bare "
+                f"ASGI ceiling {n(bare['requests_per_s']) if bare else '-'}); p99 "
+                f"{n(split.get('p99_ms'), 1)} ms",
+                "≥ 1.5x, ≥ 60 % of the ceiling, p99 ≤ 50 ms",
+                met(
+                    ratio >= 1.5
+                    and share is not None
+                    and share >= 0.6
+                    and (split.get("p99_ms") or 1e9) <= 50
+                ),
+            )
+        )
+        rows.append(
+            (
+                f"Scale-out, `{endpoint}`: requests per API CPU-second (projection: x N cores)",
+                f"split {n(split.get('requests_per_cpu_second'))}, single "
+                f"{n(single.get('requests_per_cpu_second'))} (2 cores, shared with wrk and the "
+                "feeds; projection, not a measurement: N api cores ≈ N x this)",
+                "-",
+                "-",
+            )
+        )
+    for kind in ("single", "split"):
+        fresh = by.get(f"{kind}: freshness tick -> answer")
+        if fresh:
+            rows.append(
+                (
+                    f"Freshness tick -> answer, {kind} (REST poll / WebSocket), p99",
+                    f"{n(fresh['rest']['p99_ms'])} / {n(fresh['ws']['p99_ms'])} ms",
+                    "p99 ≤ 150 ms",
+                    met(max(fresh["rest"]["p99_ms"] or 1e9, fresh["ws"]["p99_ms"] or 1e9) <= 150),
+                )
+            )
+    fan = next((r for r in records if "WebSocket clients over" in r["case"]), None)
+    if fan:
+        rows.append(
+            (
+                f"WebSocket, {n(fan['clients'])} clients over 2 api workers: longest gap / lag p99",
+                f"{n(fan.get('max_gap_ms'))} ms / {n(fan.get('lag_p99_ms'))} ms "
+                f"({fan.get('clients_gap_over_250ms')} clients with a gap > 250 ms; "
+                f"{n(fan.get('frames_per_cpu_second'))} frames per api CPU-second)",
+                "every client a frame at least every 250 ms, lag p99 ≤ 500 ms",
+                met(
+                    (fan.get("max_gap_ms") or 1e9) <= 250 and (fan.get("lag_p99_ms") or 1e9) <= 500
+                ),
+            )
+        )
+    return rows
+
+
+def takeover_rows(records: list[Record]) -> list[Row]:
+    rows: list[Row] = []
+    for r in records:
+        rows.append(
+            (
+                f"Hot standby: takeover after SIGKILL of the holder ({r['kills']} kills, "
+                f"lease_ttl_ms {n(r['lease_ttl_ms'])}), median / max",
+                f"{r['takeover_s_median']} / {r['takeover_s_max']} s (bound "
+                f"{r['bound_s']} s + restore and connect)",
+                "within lease_ttl_ms + one renewal period (+ restore, connect)",
+                met(r["takeover_s_max"] <= r["bound_s"] + 2),
+            )
+        )
+        rows.append(
+            (
+                "Hot standby: ticks missing over all kills (sent on every connection - stored)",
+                f"{n(r['missing'])} of {n(r['sent'])} ({n(r['missing_per_kill'], 1)} per kill; "
+                f"rows doubled {r['rows_doubled']})",
+                "the gaps and each holder's last flush interval; nothing doubled",
+                met(r["rows_doubled"] == 0 and r["missing"] >= 0),
+            )
+        )
+    return rows
+
+
 def memory_rows(records: list[Record]) -> list[Row]:
     rows: list[Row] = []
     for r in records:
@@ -355,6 +452,20 @@ BENCHES: dict[str, Bench] = {
     ),
     "dashboard": Bench(
         "benchmarks.bench_dashboard", ["--loads", "10"], ["--loads", "2"], 300, dashboard_rows
+    ),
+    "roles": Bench(
+        "benchmarks.bench_roles",
+        ["--seconds", "10", "--clients", "1000"],
+        ["--seconds", "2", "--clients", "100"],
+        900,
+        roles_rows,
+    ),
+    "takeover": Bench(
+        "benchmarks.bench_takeover",
+        ["--kills", "10"],
+        ["--kills", "2"],
+        900,
+        takeover_rows,
     ),
 }
 
