@@ -33,6 +33,7 @@ log = logging.getLogger("marketflow.coordination")
 
 STATUS_INTERVAL_S: Final = 1.0
 STATUS_TTL_MS: Final = 5_000
+MODE_TTL_MS: Final = 10_000  # the shared mode outlives its last ingesting process by this
 CONTROL_TIMEOUT_S: Final = 5.0
 
 Switch = Callable[[Mode], Awaitable[dict[str, Any]]]
@@ -75,7 +76,7 @@ class Coordinator:
             found = await trio.to_thread.run_sync(self.store.get_mode, limiter=self.limiter)
             if found is None:
                 await trio.to_thread.run_sync(
-                    self.store.set_mode, default.value, limiter=self.limiter
+                    self.store.set_mode, default.value, MODE_TTL_MS, limiter=self.limiter
                 )
                 return default
         except Exception as exc:
@@ -94,7 +95,9 @@ class Coordinator:
             op="mode", mode=mode.value, id=uuid.uuid4().hex, reply="", sender=self.instance
         )
         try:
-            await trio.to_thread.run_sync(self.store.set_mode, mode.value, limiter=self.limiter)
+            await trio.to_thread.run_sync(
+                self.store.set_mode, mode.value, MODE_TTL_MS, limiter=self.limiter
+            )
             await trio.to_thread.run_sync(
                 self.store.publish, self.store.control_channel, body, limiter=self.limiter
             )
@@ -121,7 +124,9 @@ class Coordinator:
                     STATUS_TTL_MS,
                     limiter=self.limiter,
                 )
-                shared = await trio.to_thread.run_sync(self.store.get_mode, limiter=self.limiter)
+                shared = await trio.to_thread.run_sync(
+                    self.store.keep_mode, self.mode().value, MODE_TTL_MS, limiter=self.limiter
+                )
             except Exception as exc:
                 if rate_limited("status-write", 30.0):
                     log.warning("status not written", extra={"ctx": {"error": describe(exc)}})
@@ -197,7 +202,7 @@ async def request_mode(
         body = encode_control(
             op="mode", mode=mode.value, id=request_id, reply=reply_channel, sender="api"
         )
-        await trio.to_thread.run_sync(store.set_mode, mode.value)
+        await trio.to_thread.run_sync(store.set_mode, mode.value, MODE_TTL_MS)
         await trio.to_thread.run_sync(store.publish, store.control_channel, body)
         with trio.move_on_after(CONTROL_TIMEOUT_S):
             # Every instance known from its status, or (none known yet) the first to answer.

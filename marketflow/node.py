@@ -4,7 +4,8 @@ A node runs the parts its role needs under one nursery and answers for them (con
 
 - `all` (the default): the ingest side (restore, pipeline, flusher, aggregator) and the API,
   answering from the state it ingests into; it needs no Redis to start.
-- `ingest`: the same ingest side, plus /health, /metrics and /mode only.
+- `ingest`: the same ingest side and the same API (the `api` processes are the ones meant to
+  serve clients; an ingest process answers alike, from its own sources).
 - `api`: no sources; the API answers from a mirror of the state kept current from Redis, plus
   PostgreSQL for older minutes, and from PostgreSQL alone (`"fallback":"postgres"`) while Redis
   is unreachable.
@@ -32,13 +33,14 @@ from marketflow import __version__
 from marketflow.broadcast import PriceHub
 from marketflow.config import Config
 from marketflow.coordination import request_mode
-from marketflow.health import StoreHealth, probe_store, source_json
+from marketflow.health import StoreHealth, describe, probe_store, source_json
 from marketflow.ingest import Ingest
 from marketflow.metrics import Metrics
 from marketflow.minute_reader import MinuteReader
 from marketflow.mirror import Mirror
 from marketflow.models import Mode, SourceStatus
 from marketflow.ports import LiveStore
+from marketflow.queries import QueryError
 from marketflow.state import MarketState
 
 log = logging.getLogger("marketflow")
@@ -174,7 +176,12 @@ class Node:
             return await self.ingest.switch_mode(mode)
         assert self.mirror is not None and self.live is not None
         instances = list(self.mirror.live_statuses())
-        body = await request_mode(self.live, mode, instances, self.config.all_sources)
+        try:
+            body = await request_mode(self.live, mode, instances, self.config.all_sources)
+        except QueryError:
+            raise
+        except Exception as exc:  # Redis unreachable: nobody can be asked
+            raise QueryError(503, f"redis unavailable: {describe(exc)}") from None
         self.mirror.mode = mode
         return body
 
@@ -232,8 +239,10 @@ class Node:
         """This ingesting instance's `status:{INSTANCE}` (contract: Redis)."""
         assert self.ingest is not None
         health = self._ingest_health(self.ingest)
-        held = self.ingest.ownership.held if self.ingest.ownership else {}
-        current = {s for s in self.sources() if not held or s in held}
+        ownership = self.ingest.ownership
+        # Only the sources this instance ingests: a standby or an instance that holds some of
+        # them must never report the others as disconnected over their holder's report.
+        current = set(self.sources()) if ownership is None else set(ownership.held)
         oldest = self.ingest.oldest_unwritten_ms()
         return {
             "instance": self.instance,
@@ -252,7 +261,9 @@ class Node:
         ages = []
         now_ms = int(self.clock() * 1000)
         for body in statuses.values():
-            sources.update(body.get("sources", {}))
+            for name, src in body.get("sources", {}).items():
+                if name not in sources or src.get("status") == "connected":
+                    sources[name] = src
             for field in pipeline:
                 pipeline[field] += int(body.get("pipeline", {}).get(field, 0))
             ages.append(now_ms - int(body.get("at", now_ms)))

@@ -36,6 +36,9 @@ class FlushPlan:
     rewritten: list[Key] = attrs.Factory(list)
     rewrite: bool = False  # any key rewritten
     message: bytes | None = None  # published on the `updates` channel in the same round
+    # Per touched key, the first second memory holds: the window is trimmed below it (and at
+    # most to `window_seconds` when no horizon is known), never inside a held minute.
+    horizons: dict[Key, int] = attrs.Factory(dict)
 
 
 class PriceStore(Protocol):
@@ -97,7 +100,9 @@ class LiveStore(LeaseStore, Protocol):
 
     def get_mode(self) -> str | None: ...
 
-    def set_mode(self, mode: str) -> None: ...
+    def set_mode(self, mode: str, ttl_ms: int) -> None: ...
+
+    def keep_mode(self, mode: str, ttl_ms: int) -> str: ...
 
     def write_status(self, instance: str, body: bytes, ttl_ms: int) -> None: ...
 

@@ -208,7 +208,11 @@ class MarketState:
                 latest.append(LatestPrice(st.source, st.symbol, st.latest_price, st.latest_ts))
                 st.latest_dirty = False
             seconds: Iterable[int] = st.buckets if rewrite else st.redis_dirty
-            changed = [(s, list(st.buckets[s])) for s in seconds if s > keep_from]
+            # What memory holds (whole minutes from the horizon), so a mirror reading the
+            # window sees whole minutes too.
+            changed = [
+                (s, list(st.buckets[s])) for s in seconds if s >= min(st.horizon_s, keep_from + 1)
+            ]
             st.redis_dirty = set()
             if changed:
                 buckets[key] = changed
@@ -221,6 +225,7 @@ class MarketState:
         if not latest and not buckets and not meta:
             return None
         touched = list(dict.fromkeys([*buckets, *rewritten]))
+        horizons = {key: self.keys[key].horizon_s for key in touched}
         return FlushPlan(
             latest=latest,
             buckets=buckets,
@@ -229,6 +234,7 @@ class MarketState:
             meta=meta,
             rewrite=bool(rewritten),
             rewritten=rewritten,
+            horizons=horizons,
         )
 
     def rewrite_all(self) -> None:

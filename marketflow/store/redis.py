@@ -83,7 +83,9 @@ class RedisPriceStore:
         trim_below = plan.now_s - self.window_seconds
         for key in plan.touched:
             name = self.window_key(key)
-            pipe.zremrangebyscore(name, "-inf", f"({trim_below + 1}")
+            horizon = plan.horizons.get(key, 0)
+            keep_from = min(horizon, trim_below + 1) if horizon > 0 else trim_below + 1
+            pipe.zremrangebyscore(name, "-inf", f"({keep_from}")
             pipe.expire(name, self.window_seconds + 10)
         for meta in plan.meta:
             name = self.meta_key((meta.source, meta.symbol))
@@ -144,8 +146,20 @@ class RedisPriceStore:
         value = self._client.get(f"{self.prefix}mode")
         return value if value in ("live", "test") else None
 
-    def set_mode(self, mode: str) -> None:
-        self._client.set(f"{self.prefix}mode", mode)
+    def set_mode(self, mode: str, ttl_ms: int) -> None:
+        """The shared mode lives as long as ingesting processes refresh it (`keep_mode`): with
+        none left, the next start uses its own configured mode (the mode is not persisted)."""
+        self._client.set(f"{self.prefix}mode", mode, px=ttl_ms)
+
+    def keep_mode(self, mode: str, ttl_ms: int) -> str:
+        """Refresh the shared mode's TTL, setting it to `mode` when it is gone; returns it."""
+        name = f"{self.prefix}mode"
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(name, mode, px=ttl_ms, nx=True)
+        pipe.pexpire(name, ttl_ms)
+        pipe.get(name)
+        value = pipe.execute()[-1]
+        return str(value) if value is not None else mode
 
     def write_status(self, instance: str, body: bytes, ttl_ms: int) -> None:
         self._client.set(f"{self.prefix}status:{instance}", body, px=ttl_ms)

@@ -13,7 +13,7 @@ from marketflow.health import StoreHealth
 from marketflow.metrics import Metrics
 from marketflow.state import MarketState
 from marketflow.store.redis import RedisPriceStore
-from tests.procs import RedisServer, redis_prefix
+from tests.procs import RedisServer, redis_prefix, wait_for
 
 NOW_S = 1_795_646_460  # a minute start
 NOW_MS = NOW_S * 1000
@@ -140,3 +140,31 @@ async def test_redis_stopped_and_restarted_keys_rewritten() -> None:
         r.close()
     finally:
         server.close()
+
+
+async def test_windows_keep_whole_minutes_from_the_horizon(prefix: str) -> None:
+    """Memory holds whole minutes from its horizon, which may begin before now-window_seconds:
+    the window keeps those seconds too, so a mirror's full read sees whole minutes (a 1m answer
+    from the mirror counts the edge minute like the ingesting process does)."""
+    state, flusher, r = make(prefix)
+    st = state.key("ex1", "SOLUSDT")
+    horizon = (NOW_S - 330) // 60 * 60  # a minute start before now - 300 s
+    st.horizon_s = horizon
+    st.fold([("SOLUSDT", 1.0, (horizon + 2) * 1000), ("SOLUSDT", 2.0, (NOW_S - 1) * 1000)])
+    assert await flusher.flush()
+    window = f"{prefix}window:{{ex1:SOLUSDT}}"
+    assert [m[0] for m in members(r, window)] == [horizon + 2, NOW_S - 1]
+    r.close()
+
+
+def test_the_shared_mode_lives_only_while_it_is_kept(prefix: str) -> None:
+    store = RedisPriceStore(RedisConfig(key_prefix=prefix), window_seconds=300, ttl_seconds=70)
+    r = redis.Redis(decode_responses=True)
+    assert store.get_mode() is None
+    assert store.keep_mode("live", 10_000) == "live"  # absent: set to ours
+    assert store.keep_mode("test", 10_000) == "live"  # present: kept, not overwritten
+    assert 0 < r.pttl(f"{prefix}mode") <= 10_000
+    store.set_mode("test", 50)
+    wait_for(lambda: store.get_mode() is None, 5, "the mode expired with nobody keeping it")
+    r.close()
+    store.close()
