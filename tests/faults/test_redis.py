@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -74,6 +75,13 @@ def test_redis_killed_and_restarted_three_times_during_ingest(
     )
 
 
+def feed_lag_s(mf: Marketflow) -> dict[str, float]:
+    """`marketflow_feed_lag_seconds` per source, from /metrics."""
+    text = mf.get("/metrics").text
+    found = re.findall(r'^marketflow_feed_lag_seconds\{source="([^"]+)"\} (\S+)$', text, re.M)
+    return {source: float(value) for source, value in found}
+
+
 def redis_down_with(mf: Marketflow, text: str) -> dict[str, Any] | None:
     health = mf.health()
     redis = health["redis"]
@@ -107,6 +115,9 @@ def test_redis_that_answers_ping_but_refuses_writes_is_down_at_once_and_recovers
     feeds = rig.counting_feeds(3, 100)
     mf = rig.start(rig.config(feeds))
     wait_for(lambda: mf.health()["status"] == "ok", 10, "healthy")
+    lag = feed_lag_s(mf)  # the feeds stamp their ticks with the current time
+    assert set(lag) == {"exchange1", "exchange2", "exchange3"}, lag
+    assert all(0 <= seconds < 5 for seconds in lag.values()), lag
     primary = rig.own(RedisServer())
     detected: list[float] = []
     recovered: list[float] = []
