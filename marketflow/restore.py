@@ -119,16 +119,26 @@ async def restore(
 ) -> Restored:
     """Restore `state` for `keys` (see the module docstring); cancellable while it waits.
 
-    `replay_journal` commits a previous run's journal (True once it is empty).
+    `replay_journal` commits a previous run's journal (True once it is empty). A stop while a
+    migration or the read of the rows waits on PostgreSQL (a migration waits up to its own
+    60 s timeout for the lock) abandons that thread call at once: nothing was merged yet, and
+    closing the store cancels the statement.
     """
     horizon_s = restore_horizon(now_s, window_seconds)
     backoff = Backoff(0.5, retry_cap_s)
     while True:
         try:
-            await trio.to_thread.run_sync(aggregate_store.migrate, limiter=postgres_limiter)
+            await trio.to_thread.run_sync(
+                aggregate_store.migrate, limiter=postgres_limiter, abandon_on_cancel=True
+            )
             if await replay_journal():
                 rows = await trio.to_thread.run_sync(
-                    read_rows, aggregate_store, keys, horizon_s * 1000, limiter=postgres_limiter
+                    read_rows,
+                    aggregate_store,
+                    keys,
+                    horizon_s * 1000,
+                    limiter=postgres_limiter,
+                    abandon_on_cancel=True,
                 )
                 postgres_health.wrote()
                 break

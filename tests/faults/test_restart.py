@@ -3,6 +3,7 @@ one row, exactly once, with its minute's first and last tick times (contract: Po
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
@@ -266,4 +267,61 @@ def test_sigterm_while_a_step_of_many_rows_is_written_then_restart_counts_every_
         "batch ~0.2 s); 30 keys x 3 minutes exact",
         peak_rss_mb=peak,
         shutdown_s=round(max(first_s, second_s), 2),
+    )
+
+
+def test_sigterm_while_the_restore_waits_on_postgres_exits_0_in_time(
+    rig: Rig, figures: dict[str, Any]
+) -> None:
+    """A stop during the start-up wait is a stop like any other: exit 0 within
+    `shutdown_timeout_s`, nothing written, nothing lost. The restore's migration was a thread
+    call the stop had to wait for, and a migration waiting on the lock waits up to its 60 s
+    statement timeout: SIGTERM took as long. Then a start with PostgreSQL free restores as
+    usual."""
+    scripted = rig.own(ScriptedFeed())
+    config = rig.config([scripted], {**APP, "shutdown_timeout_s": 5})
+    first = rig.start(config)
+    scripted.wait_client()
+    m = (int(time.time() * 1000) - 10_000) // MINUTE * MINUTE
+    ticks: list[Tick] = [("SOLUSDT", 200.0, m + 1_500), ("SOLUSDT", 201.0, m + 7_000)]
+    scripted.send(ticks)
+    wait_accepted(first, lambda: len(ticks))
+    stop(first)
+    scripted.close_clients()
+    lock = psycopg.connect(host="127.0.0.1", user="postgres", dbname=rig.dbname, autocommit=True)
+    try:
+        lock.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        waiting = rig.start(config, wait_ready=False)
+        wait_for(
+            lambda: waiting.health()["status"] == "starting", 20, "starting while migrations wait"
+        )
+        signalled = time.monotonic()
+        waiting.signal(signal.SIGTERM)
+        assert waiting.wait(15) == 0, waiting.output
+        seconds = time.monotonic() - signalled
+        assert seconds <= 5, f"exit took {seconds:.1f}s"
+        assert "stopped before the restore completed" in waiting.output
+        assert "Traceback" not in waiting.output, waiting.output
+        assert not scripted.clients
+    finally:
+        lock.close()
+    again = rig.start(config)
+    scripted.wait_client()
+    more: list[Tick] = [("SOLUSDT", 199.5, m + 9_000)]
+    scripted.send(more)
+    wait_accepted(again, lambda: len(more))
+    stop(again)
+    assert_minutes(minute_rows(rig), expected_with_times(ticks + more))
+    figures.update(
+        scenario="SIGTERM while the start waits on PostgreSQL (migration lock held)",
+        ticks_sent=len(ticks) + len(more),
+        ticks_accepted=len(ticks) + len(more),
+        ticks_stored=len(ticks) + len(more),
+        late=0,
+        ticks_lost=0,
+        rows_doubled=0,
+        recovery_s=None,
+        recovery_note=f"exit 0 after {seconds:.2f} s (shutdown_timeout_s 5); the next start "
+        "resumes the minute",
+        shutdown_s=round(seconds, 2),
     )
