@@ -115,7 +115,8 @@ def test_redis_that_answers_ping_but_refuses_writes_is_down_at_once_and_recovers
     feeds = rig.counting_feeds(3, 100)
     mf = rig.start(rig.config(feeds))
     wait_for(lambda: mf.health()["status"] == "ok", 10, "healthy")
-    lag = feed_lag_s(mf)  # the feeds stamp their ticks with the current time
+    # The feeds stamp their ticks with the current time; a source has a lag once it sent one.
+    lag = wait_for(lambda: len(lag := feed_lag_s(mf)) == 3 and lag, 5, "every source's lag")
     assert set(lag) == {"exchange1", "exchange2", "exchange3"}, lag
     assert all(0 <= seconds < 5 for seconds in lag.values()), lag
     primary = rig.own(RedisServer())
@@ -150,14 +151,14 @@ def test_redis_that_answers_ping_but_refuses_writes_is_down_at_once_and_recovers
             stays_down(mf, error)
             assert r.ping()  # it answered all along
             assert mf.get("/health").status_code == 503
-            for feed in feeds:
-                feed.resume()
             assert feeds_connected(mf)  # ingest goes on from memory
             allow()
             allowed = time.monotonic()
             wait_for(lambda: mf.health()["redis"]["status"] == "ok", 10, "redis ok again")
             recovered.append(time.monotonic() - allowed)
             wait_for(lambda: mf.health()["status"] == "ok", 5, "healthy again")
+            for feed in feeds:
+                feed.resume()  # after a quiet recovery too: nothing needed a tick to heal
     for feed in feeds:
         feed.pause()
     sent = sum(f.total for f in feeds)
