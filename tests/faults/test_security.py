@@ -344,8 +344,14 @@ def test_config_with_unsafe_names_is_refused(tmp_path: Path, config: dict[str, A
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
 
 
-# Data keys carry a validated source and symbol; the health probe's key is a constant.
-KEY_RE = re.compile(r"^(latest|window):\{[A-Za-z0-9_-]{1,32}:[A-Z0-9]{2,20}\}$|^health:probe$")
+# Data keys carry a validated source and symbol, leases and epochs a validated source, status
+# keys the instance id (host-pid-hex, sanitised); the rest are constants.
+KEY_RE = re.compile(
+    r"^(latest|window|meta):\{[A-Za-z0-9_-]{1,32}:[A-Z0-9]{2,20}\}$"
+    r"|^(lease|epoch):\{[A-Za-z0-9_-]{1,32}\}$"
+    r"|^status:[A-Za-z0-9_.-]+-[0-9]+-[0-9a-f]{6}$"
+    r"|^(health:probe|mode)$"
+)
 
 
 def test_redis_keys_come_only_from_validated_names(rig: Rig) -> None:
@@ -372,7 +378,7 @@ def test_redis_keys_come_only_from_validated_names(rig: Rig) -> None:
         wait_for(lambda: r.exists("latest:{exchange1:BTCUSDT}"), 5, "flushed")
         keys = list(r.scan_iter(count=1000))
     assert keys and all(KEY_RE.fullmatch(k) for k in keys), keys
-    assert {k for k in keys if "exchange1" in k} == {
+    assert {k for k in keys if "exchange1" in k and not k.startswith("meta:")} == {
         "latest:{exchange1:BTCUSDT}",
         "latest:{exchange1:ETHUSDT}",
         "window:{exchange1:BTCUSDT}",
