@@ -290,6 +290,7 @@ def test_journaled_minutes_pruned_from_memory_are_never_silently_missing_from_an
     assert pending(mf) == 0
     for _ in range(20):  # and it stays complete
         complete()
+    peak = peak_mb(mf)
     total, shutdown_s = stop(mf)
     stored = sum(rig.pg_ticks().values())
     assert total == stored == len(ticks) and rig.pg_duplicate_rows() == 0
@@ -307,6 +308,7 @@ def test_journaled_minutes_pruned_from_memory_are_never_silently_missing_from_an
         recovery_s=round(recovery, 2),
         recovery_note=f"restore -> first complete 200 ({statuses.count(503)} answers 503 "
         "before it, none 200 without the minute)",
+        peak_rss_mb=peak,
         shutdown_s=round(shutdown_s, 2),
     )
 

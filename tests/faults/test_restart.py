@@ -310,6 +310,7 @@ def test_sigterm_while_the_restore_waits_on_postgres_exits_0_in_time(
     more: list[Tick] = [("SOLUSDT", 199.5, m + 9_000)]
     scripted.send(more)
     wait_accepted(again, lambda: len(more))
+    peak = peak_mb(again)
     stop(again)
     assert_minutes(minute_rows(rig), expected_with_times(ticks + more))
     figures.update(
@@ -323,5 +324,6 @@ def test_sigterm_while_the_restore_waits_on_postgres_exits_0_in_time(
         recovery_s=None,
         recovery_note=f"exit 0 after {seconds:.2f} s (shutdown_timeout_s 5); the next start "
         "resumes the minute",
+        peak_rss_mb=peak,
         shutdown_s=round(seconds, 2),
     )
