@@ -99,10 +99,12 @@ class Aggregator:
         self.state.prune(int(now))
 
     async def flush_all(self) -> None:
-        """Write every changed minute, the open ones too (shutdown). The caller bounds it with
-        a deadline; a replay cut short by it is finished at the next start."""
-        await self.replay_if_due(force=True)
+        """Write every changed minute, the open ones too (shutdown), then replay the journal.
+        The caller bounds it with a deadline. The minutes go first: while the journal holds
+        rows they are appended behind them (a local fsync, quick), so a long replay cut short
+        by the deadline loses nothing — it is finished at the next start."""
         await self.write(self.state.take_minutes(None))
+        await self.replay_if_due(force=True)
 
     async def write(self, rows: Sequence[MinuteRow]) -> None:
         """Write `rows` in batches of `batch_size`; rows of a batch that neither committed nor

@@ -116,7 +116,7 @@ async def prepare_postgres(
     backoff = Backoff(0.5, retry_cap_s)
     while True:
         try:
-            await trio.to_thread.run_sync(store.migrate, limiter=limiter)
+            await trio.to_thread.run_sync(store.migrate, limiter=limiter, abandon_on_cancel=True)
             if await replay_journal():
                 postgres_health.wrote()
                 return
@@ -148,7 +148,10 @@ async def restore(
 ) -> Restored:
     """Restore `state` for `keys` (see the module docstring); cancellable while it waits.
 
-    `replay_journal` commits a previous run's journal (True once it is empty).
+    `replay_journal` commits a previous run's journal (True once it is empty). A stop while a
+    migration or the read of the rows waits on PostgreSQL (a migration waits up to its own
+    60 s timeout for the lock) abandons that thread call at once: nothing was merged yet, and
+    closing the store cancels the statement.
     """
     horizon_s = restore_horizon(now_s, window_seconds)
     backoff = Backoff(0.5, retry_cap_s)
@@ -156,7 +159,12 @@ async def restore(
         try:
             if await replay_journal():
                 rows = await trio.to_thread.run_sync(
-                    read_rows, aggregate_store, keys, horizon_s * 1000, limiter=postgres_limiter
+                    read_rows,
+                    aggregate_store,
+                    keys,
+                    horizon_s * 1000,
+                    limiter=postgres_limiter,
+                    abandon_on_cancel=True,
                 )
                 postgres_health.wrote()
                 break

@@ -286,7 +286,9 @@ def sigterm(proc: Process) -> None:
 
 class TcpProxy:
     """A TCP proxy the test owns, in front of a real server: `cut()` drops every connection and
-    refuses new ones (the server looks dead), `restore()` lets traffic through again."""
+    refuses new ones (the server looks dead), `restore()` lets traffic through again. Setting
+    `delay_s` holds every chunk that long before passing it on, either way (a distant or slow
+    server: each round trip costs twice `delay_s`)."""
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
@@ -301,6 +303,7 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self.accepted = 0  # connections let through
+        self.delay_s = 0.0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -327,6 +330,8 @@ class TcpProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if self.delay_s:
+                    time.sleep(self.delay_s)  # the injected latency itself
                 dst.sendall(data)
         except OSError:
             pass

@@ -3,6 +3,7 @@ docs/storage.md."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -343,6 +344,13 @@ class PostgresAggregateStore:
         return self._call(probe)
 
     def close(self) -> None:
+        """Close the connection; a statement still running on it (a call whose caller gave up,
+        e.g. a migration waiting on the lock when the process stops) is cancelled first, so
+        closing never waits for it."""
+        conn = self._conn
+        if conn is not None and self._lock.locked():
+            with contextlib.suppress(psycopg.Error):
+                conn.cancel_safe(timeout=self._connect_timeout_s)
         with self._lock:
             self._drop()
 

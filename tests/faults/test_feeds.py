@@ -149,7 +149,9 @@ def test_clock_skewed_ticks_are_refused_and_ticks_within_skew_land_in_their_minu
     rig: Rig, figures: dict[str, Any]
 ) -> None:
     skew_s = 120  # behind the wall clock
-    future_s = 5  # ahead of it: a tick from the future must not win "newest" for minutes
+    # Ahead of it: a tick from the future must not win "newest" for minutes. Not the default
+    # (5 s), so the +8 s tick below shows the configured limit is the one applied.
+    future_s = 10
     scripted = rig.own(ScriptedFeed())
     steady = rig.counting_feeds(2, NORMAL)
     mf = rig.start(
@@ -165,7 +167,7 @@ def test_clock_skewed_ticks_are_refused_and_ticks_within_skew_land_in_their_minu
         ("BTCUSDT", 101.0, now - 61_000),
         ("ETHUSDT", 3000.0, now - 30_000),
         ("ETHUSDT", 3001.0, now + 3_000),
-        ("SOLUSDT", 200.0, now + 4_000),
+        ("SOLUSDT", 200.0, now + 8_000),
     ]
     beyond = [
         ("BTCUSDT", 1.0, now - (skew_s + 30) * 1000),

@@ -38,6 +38,8 @@ def test_defaults_match_the_spec() -> None:
     ]
     assert c.test.sources == ["test-exchange1", "test-exchange2", "test-exchange3"]
     assert c.app.symbols == ["BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT"]
+    assert (c.app.max_clock_skew_s, c.app.max_future_skew_ms) == (120, 5000)
+    assert c.app.pending_rows_max == 1_000_000
 
 
 def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
