@@ -101,9 +101,13 @@ def assert_rows_match(got: dict[Any, tuple[Any, ...]], want: dict[Any, tuple[Any
 
 
 def ticks_for(minute: int, symbol: str, prices: list[float], offset_ms: int = 0) -> list[Any]:
-    """Ticks spread over `minute`, arriving out of timestamp order on purpose."""
+    """Ticks spread over `minute`, arriving out of timestamp order on purpose — never later than
+    now: in the open minute, a tick from the future would be refused (max_future_skew_ms)."""
     n = len(prices)
-    stamps = [minute + offset_ms + (i * 7919) % max(1, 59_000 - offset_ms) for i in range(n)]
+    now = int(time.time() * 1000)
+    stamps = [
+        min(now, minute + offset_ms + (i * 7919) % max(1, 59_000 - offset_ms)) for i in range(n)
+    ]
     return [(symbol, p, ts) for p, ts in zip(prices, stamps, strict=True)]
 
 
