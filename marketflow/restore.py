@@ -103,23 +103,21 @@ def read_redis(
     return store.read_windows(keys, since_s), store.read_latest(keys)
 
 
-async def prepare_postgres(
-    store: AggregateStore,
-    *,
-    replay_journal: Callable[[], Awaitable[bool]],
+async def until_postgres_answers[T](
+    attempt: Callable[[], Awaitable[T | None]],
     postgres_health: StoreHealth,
-    limiter: trio.CapacityLimiter,
+    *,
     retry_cap_s: float = 10.0,
-) -> None:
-    """Migrations, then the journal a previous run left, committed — retried with backoff until
-    PostgreSQL answers, with no deadline; cancellable while it waits."""
+) -> T:
+    """`attempt()` until it returns a value (None: the journal could not be replayed yet),
+    retried with backoff and no deadline, PostgreSQL's error shown meanwhile; cancellable."""
     backoff = Backoff(0.5, retry_cap_s)
     while True:
         try:
-            await trio.to_thread.run_sync(store.migrate, limiter=limiter, abandon_on_cancel=True)
-            if await replay_journal():
+            found = await attempt()
+            if found is not None:
                 postgres_health.wrote()
-                return
+                return found
             error = postgres_health.error or "journal replay failed"
         except Exception as exc:
             postgres_health.write_failed(exc)
@@ -130,6 +128,24 @@ async def prepare_postgres(
             extra={"ctx": {"error": error, "retry_in_s": round(delay, 1)}},
         )
         await trio.sleep(delay)
+
+
+async def prepare_postgres(
+    store: AggregateStore,
+    *,
+    replay_journal: Callable[[], Awaitable[bool]],
+    postgres_health: StoreHealth,
+    limiter: trio.CapacityLimiter,
+    retry_cap_s: float = 10.0,
+) -> None:
+    """Migrations, then the journal a previous run left, committed — retried with backoff until
+    PostgreSQL answers, with no deadline; cancellable while it waits."""
+
+    async def attempt() -> bool | None:
+        await trio.to_thread.run_sync(store.migrate, limiter=limiter, abandon_on_cancel=True)
+        return True if await replay_journal() else None
+
+    await until_postgres_answers(attempt, postgres_health, retry_cap_s=retry_cap_s)
 
 
 async def restore(
@@ -154,30 +170,20 @@ async def restore(
     closing the store cancels the statement.
     """
     horizon_s = restore_horizon(now_s, window_seconds)
-    backoff = Backoff(0.5, retry_cap_s)
-    while True:
-        try:
-            if await replay_journal():
-                rows = await trio.to_thread.run_sync(
-                    read_rows,
-                    aggregate_store,
-                    keys,
-                    horizon_s * 1000,
-                    limiter=postgres_limiter,
-                    abandon_on_cancel=True,
-                )
-                postgres_health.wrote()
-                break
-            error = postgres_health.error or "journal replay failed"
-        except Exception as exc:
-            postgres_health.write_failed(exc)
-            error = describe(exc)
-        delay = backoff.next()
-        log.warning(
-            "waiting for postgres to resume the open minutes; no source starts before",
-            extra={"ctx": {"error": error, "retry_in_s": round(delay, 1)}},
+
+    async def attempt() -> Rows | None:
+        if not await replay_journal():
+            return None
+        return await trio.to_thread.run_sync(
+            read_rows,
+            aggregate_store,
+            keys,
+            horizon_s * 1000,
+            limiter=postgres_limiter,
+            abandon_on_cancel=True,
         )
-        await trio.sleep(delay)
+
+    rows = await until_postgres_answers(attempt, postgres_health, retry_cap_s=retry_cap_s)
     redis_read = True
     try:
         windows, latest = await trio.to_thread.run_sync(
