@@ -64,6 +64,22 @@ class AggregateStore(Protocol):
         """Count, sum and extremes over minutes in [from_ms, to_ms); None bounds are open."""
         ...
 
+    def candles(
+        self,
+        exchange: str,
+        symbol: str,
+        interval_ms: int,
+        from_ms: int | None,
+        to_ms: int,
+        limit: int,
+        newest_first: bool,
+    ) -> list[tuple[int, Bucket]]:
+        """Candles of `interval_ms` (whole minutes; aligned to UTC, weeks from Monday) over the
+        minutes in [from_ms, to_ms) (None: open), each as (start ms, bucket with the first and
+        last tick times), oldest first: the first `limit` of them, or the last when
+        `newest_first`. An interval without rows has no candle."""
+        ...
+
     def ping(self) -> float:
         """Round-trip time in ms; raises on failure."""
         ...

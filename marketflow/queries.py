@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import Any, Final, Literal, Protocol
 
 import attrs
@@ -209,9 +209,9 @@ class QueryContext(Protocol):
 
 
 class RangeCache:
-    """Single-flight, short-lived answers to identical PostgreSQL range reads.
+    """Single-flight, short-lived answers to identical PostgreSQL reads.
 
-    The minutes these ranges cover are older than anything memory holds, so they change only
+    The minutes these reads cover are older than anything memory holds, so they change only
     when a journal replay commits; without sharing, 64 clients asking for `?period=1d` queue 64
     identical reads behind the one reader connection. Concurrent identical requests wait for one
     read; its answer serves for `ttl_s`.
@@ -220,11 +220,19 @@ class RangeCache:
     def __init__(self, ttl_s: float = 1.0, max_entries: int = 256) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
-        self._answers: dict[tuple[StoreRange, ...], tuple[float, list[RangeStats | None]]] = {}
-        self._inflight: dict[tuple[StoreRange, ...], trio.Event] = {}
+        self._answers: dict[Hashable, tuple[float, Any]] = {}
+        self._inflight: dict[Hashable, trio.Event] = {}
 
     async def get(self, ctx: QueryContext, ranges: Sequence[StoreRange]) -> list[RangeStats | None]:
-        key = tuple(ranges)
+        """Statistics over `ranges`, shared."""
+        answer: list[RangeStats | None] = await self.shared(
+            tuple(ranges), lambda: _read_store_ranges(ctx, ranges)
+        )
+        return answer
+
+    async def shared(self, key: Hashable, read: Callable[[], Awaitable[Any]]) -> Any:
+        """`await read()`, or the answer of an identical read (same `key`) in flight or done
+        within `ttl_s`."""
         while True:
             cached = self._answers.get(key)
             if cached is not None and trio.current_time() - cached[0] < self.ttl_s:
@@ -235,7 +243,7 @@ class RangeCache:
             await pending.wait()  # then read the answer it left, or try ourselves if it failed
         done = self._inflight[key] = trio.Event()
         try:
-            answer = await _read_store_ranges(ctx, ranges)
+            answer = await read()
             if len(self._answers) >= self.max_entries:
                 self._answers.clear()
             self._answers[key] = (trio.current_time(), answer)
@@ -255,6 +263,26 @@ class StoreRange:
     to_ms: int
 
 
+def minute_sources(
+    state: MarketState, key: Key, lo: int | None, hi: int
+) -> tuple[int | None, StoreRange | None]:
+    """Where `key`'s minutes lo..hi (inclusive; lo None: all history) come from: memory from the
+    returned minute on (None: memory holds none of them), and every older one from the returned
+    store range (None: memory covers the whole range), so a minute is never read from both."""
+    first = state.held_from_minute(key)
+    st = state.keys.get(key)
+    held_from = first if first is not None and first <= hi else None
+    boundary = hi + 1 if first is None else min(first, hi + 1)
+    # A horizon of 0 means this key never pruned nor restored: what lies before its first
+    # held minute (an earlier run) is unknown, so PostgreSQL is asked.
+    covered = lo is not None and st is not None and st.horizon_s > 0 and st.horizon_s // 60 <= lo
+    if covered or (lo is not None and lo >= boundary):
+        return held_from, None
+    return held_from, StoreRange(
+        key[0], key[1], None if lo is None else lo * 60_000, boundary * 60_000
+    )
+
+
 def split_minutes(
     state: MarketState, keys: Sequence[Key], plan: Plan
 ) -> tuple[list[RangeStats | None], list[StoreRange]]:
@@ -266,20 +294,13 @@ def split_minutes(
     held: list[RangeStats | None] = []
     ranges: list[StoreRange] = []
     for key in keys:
-        first = state.held_from_minute(key)
-        st = state.keys.get(key)
-        if first is not None and first <= hi:
-            held.append(state.minute_stats(key, first if lo is None else max(first, lo), hi))
-        boundary = hi + 1 if first is None else min(first, hi + 1)
-        # A horizon of 0 means this key never pruned nor restored: what lies before its first
-        # held minute (an earlier run) is unknown, so PostgreSQL is asked.
-        covered = (
-            lo is not None and st is not None and st.horizon_s > 0 and st.horizon_s // 60 <= lo
-        )
-        if not covered and (lo is None or lo < boundary):
-            ranges.append(
-                StoreRange(key[0], key[1], None if lo is None else lo * 60_000, boundary * 60_000)
+        held_from, store_range = minute_sources(state, key, lo, hi)
+        if held_from is not None:
+            held.append(
+                state.minute_stats(key, held_from if lo is None else max(held_from, lo), hi)
             )
+        if store_range is not None:
+            ranges.append(store_range)
     return held, ranges
 
 
@@ -305,6 +326,12 @@ async def read_store_ranges(
 async def _read_store_ranges(
     ctx: QueryContext, ranges: Sequence[StoreRange]
 ) -> list[RangeStats | None]:
+    return await read_store(ctx, lambda store: _read_ranges(store, ranges))
+
+
+async def read_store[T](ctx: QueryContext, read: Callable[[AggregateStore], T]) -> T:
+    """`read(store)` on the reader connection, in one thread hop; 503 when PostgreSQL is known
+    to be down, fails, or does not answer within QUERY_TIMEOUT_S."""
     health = ctx.postgres_health
     if health.checked and not health.up:
         raise QueryError(
@@ -315,13 +342,11 @@ async def _read_store_ranges(
     with trio.move_on_after(QUERY_TIMEOUT_S) as scope:
         try:
             return await trio.to_thread.run_sync(
-                _read_ranges, ctx.postgres_reader, ranges, limiter=ctx.query_limiter
+                read, ctx.postgres_reader, limiter=ctx.query_limiter
             )
         except Exception as exc:
             if rate_limited("queries.postgres_failed", 10.0):
-                log.warning(
-                    "statistics query failed on postgres", extra={"ctx": {"error": describe(exc)}}
-                )
+                log.warning("query failed on postgres", extra={"ctx": {"error": describe(exc)}})
             raise QueryError(
                 503,
                 f"PostgreSQL query failed ({type(exc).__name__}) and memory does not hold "

@@ -223,7 +223,7 @@ class MarketState:
             (key[0], sec * 1000, b)
             for key in keys
             if (st := self.keys.get(key)) is not None
-            for sec, b in _seconds_in(st.buckets, from_s, to_s)
+            for sec, b in seconds_in(st.buckets, from_s, to_s)
         )
 
     def minute_stats(self, key: Key, from_minute: int, to_minute: int) -> RangeStats | None:
@@ -246,7 +246,7 @@ class MarketState:
         return held[0] if held else None
 
 
-def _seconds_in(buckets: dict[int, Bucket], from_s: int, to_s: int) -> Iterator[tuple[int, Bucket]]:
+def seconds_in(buckets: dict[int, Bucket], from_s: int, to_s: int) -> Iterator[tuple[int, Bucket]]:
     """The held buckets of seconds from_s..to_s: look up the range when it is the smaller side
     (a 1-minute question over a 5-minute window), else filter what is held."""
     if to_s - from_s + 1 < len(buckets):

@@ -1,6 +1,7 @@
 """The hot read routes as plain ASGI, in front of the Quart app.
 
-`GET /prices/latest/...` and `GET /prices/{highest,lowest,average}/...` are what dashboards poll.
+`GET /prices/latest/...`, `GET /prices/{highest,lowest,average}/...` and `GET /prices/candles/...`
+are what dashboards poll.
 Under wrk, Quart's per-request machinery (contexts, signals, Werkzeug routing, hooks, Response
 objects) cost more than the answer itself (docs/performance.md), so these paths are answered here
 with the very same `Catalog` checks and `queries` functions the Quart routes use; the answers,
@@ -20,6 +21,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from marketflow import queries
+from marketflow.candles import candle_answer, parse_candle_query
 from marketflow.config import Config
 from marketflow.logs import set_context
 from marketflow.queries import STATS, Catalog, QueryError
@@ -30,7 +32,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 log = logging.getLogger("marketflow.api")
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
 _JSON = (b"content-type", b"application/json")
-_ROUTES = ("latest", *STATS)
+_ROUTES = ("latest", "candles", *STATS)
 
 
 class FastRoutes:
@@ -40,6 +42,7 @@ class FastRoutes:
         self.app = app
         self.catalog = Catalog(config)
         self.window_seconds = config.app.window_seconds
+        self.grace_ms = config.app.grace_ms
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """The ASGI entry point (typed loosely: Hypercorn's scope types are TypedDicts)."""
@@ -97,6 +100,21 @@ class FastRoutes:
             sources, label = service.pipeline.sources(), "all"
         symbol = catalog.symbol(names[-1])
         query = parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        if route == "candles":
+            candles = parse_candle_query(lambda name: query.get(name, []))
+            return await candle_answer(
+                service,
+                symbol=symbol,
+                sources=sources,
+                exchange_label=label,
+                interval=candles.interval,
+                start=candles.start,
+                end=candles.end,
+                limit=candles.limit,
+                now=service.clock(),
+                window_seconds=self.window_seconds,
+                grace_ms=self.grace_ms,
+            )
         period = catalog.period(query.get("period", []))
         return await queries.statistic(
             service,

@@ -1,4 +1,5 @@
-"""Price and statistics routes (contract: HTTP API). Handlers only parse and delegate to `queries`.
+"""Price, statistics and candle routes (contract: HTTP API). Handlers only parse and delegate
+to `queries` and `candles`.
 
 Every name is checked against the config before the service is touched, so malformed or
 unknown input gets its 400/404 even while the service is starting.
@@ -13,6 +14,7 @@ from quart_trio import QuartTrio
 
 from marketflow import queries
 from marketflow.api.app import error, json_response, service_of
+from marketflow.candles import candle_answer, parse_candle_query
 from marketflow.config import Config
 from marketflow.queries import STATS, Catalog, QueryError, Stat
 
@@ -70,6 +72,35 @@ def register(app: QuartTrio, config: Config) -> None:
 
     for stat in STATS:
         statistic_routes(stat)
+
+    async def candles_for_source(exchange: str, symbol: str) -> Response:
+        source = catalog.source(exchange)
+        return await candle_route(symbol, [source], source)
+
+    async def candles_across(symbol: str) -> Response:
+        return await candle_route(symbol, None, "all")
+
+    async def candle_route(symbol: str, sources: list[str] | None, label: str) -> Response:
+        sym = catalog.symbol(symbol)
+        query = parse_candle_query(request.args.getlist)
+        service = service_of(app)
+        body = await candle_answer(
+            service,
+            symbol=sym,
+            sources=service.pipeline.sources() if sources is None else sources,
+            exchange_label=label,
+            interval=query.interval,
+            start=query.start,
+            end=query.end,
+            limit=query.limit,
+            now=service.clock(),
+            window_seconds=window_seconds,
+            grace_ms=config.app.grace_ms,
+        )
+        return json_response(body)
+
+    _route(app, "/prices/candles/<exchange>/<symbol>", "candles_for_source", candles_for_source)
+    _route(app, "/prices/candles/<symbol>", "candles_across", candles_across)
 
 
 def _route(

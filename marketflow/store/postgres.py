@@ -17,7 +17,7 @@ import psycopg
 from psycopg import errors, sql
 
 from marketflow.config import PostgresConfig
-from marketflow.models import Extreme, MinuteRow, RangeStats
+from marketflow.models import Bucket, Extreme, MinuteRow, RangeStats
 
 log = logging.getLogger("marketflow.postgres")
 
@@ -25,6 +25,8 @@ Connection = psycopg.Connection[tuple[Any, ...]]
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
+WEEK_MS = 7 * 86_400_000
+WEEK_OFFSET_MS = 4 * 86_400_000  # weeks start on Monday; 1970-01-01 was a Thursday
 # Open range bounds are clamped to these (0001-01-01 and 9999-12-31 UTC, in ms).
 MIN_MS = -62_135_596_800_000
 MAX_MS = 253_402_214_400_000
@@ -110,6 +112,108 @@ SELECT t.tick_count, t.price_sum,
        (SELECT max_price, max_at FROM parts ORDER BY max_price DESC, max_at LIMIT 1) AS hi,
        (SELECT min_price, min_at FROM parts ORDER BY min_price, min_at LIMIT 1) AS lo
 """
+
+# Candles: one key's minutes (and, for intervals of an hour or more, whole hours from the rollup)
+# grouped by interval start. `t` is the start of the interval holding the part's start,
+# computed with a floor modulo so a grid offset (weeks start on Monday) and times before 1970
+# align alike. Each branch reads at most limit x (its parts per interval) parts in the asked
+# direction: the first (or last) `limit` intervals hold no more than that, so the limit inside a
+# branch never cuts an interval the answer needs.
+_MINUTE_PARTS = """
+    SELECT (extract(epoch FROM "timestamp") * 1000)::bigint AS ms, tick_count,
+           average_price * tick_count AS price_sum, min_price, max_price, open_price,
+           (extract(epoch FROM coalesce(open_time, "timestamp")) * 1000)::bigint AS open_ms,
+           close_price,
+           (extract(epoch FROM coalesce(close_time, "timestamp" + interval '59.999 seconds'))
+            * 1000)::bigint AS close_ms
+      FROM aggregates
+     WHERE exchange = %(exchange)s AND pair_name = %(symbol)s
+       AND "timestamp" >= timestamptz 'epoch' + %({lo})s::bigint * interval '1 millisecond'
+       AND "timestamp" < timestamptz 'epoch' + %({hi})s::bigint * interval '1 millisecond'
+     ORDER BY "timestamp" {order}
+     LIMIT %(minute_rows)s
+"""
+_HOUR_PARTS = """
+    SELECT (extract(epoch FROM hour) * 1000)::bigint AS ms, tick_count, price_sum, min_price,
+           max_price, open_price, (extract(epoch FROM open_time) * 1000)::bigint AS open_ms,
+           close_price, (extract(epoch FROM close_time) * 1000)::bigint AS close_ms
+      FROM aggregates_hourly
+     WHERE exchange = %(exchange)s AND pair_name = %(symbol)s
+       AND hour >= timestamptz 'epoch' + %(hours_from)s::bigint * interval '1 millisecond'
+       AND hour < timestamptz 'epoch' + %(hours_to)s::bigint * interval '1 millisecond'
+     ORDER BY hour {order}
+     LIMIT %(hour_rows)s
+"""
+_GROUP_PARTS = """
+SELECT t, sum(tick_count)::bigint, sum(price_sum), min(min_price), max(max_price),
+       (array_agg(open_price ORDER BY open_ms))[1], min(open_ms),
+       (array_agg(close_price ORDER BY close_ms DESC))[1], max(close_ms)
+  FROM (SELECT ms - mod(mod(ms - %(offset)s, %(interval)s) + %(interval)s, %(interval)s) AS t,
+               tick_count, price_sum, min_price, max_price, open_price, open_ms, close_price,
+               close_ms
+          FROM ({parts}) AS p) AS g
+ GROUP BY t
+ ORDER BY t {order}
+ LIMIT %(limit)s
+"""
+# A one-minute candle is its minute's row: no grouping.
+_MINUTE_CANDLES = """
+SELECT ms, tick_count, price_sum, min_price, max_price, open_price, open_ms, close_price,
+       close_ms
+  FROM ({parts}) AS p
+ ORDER BY ms {order}
+"""
+
+
+def _candle_sql(*, hourly: bool, one_minute: bool, order: str) -> str:
+    minutes = _MINUTE_PARTS.format(lo="from_ms", hi="to_ms", order=order)
+    if one_minute:
+        return _MINUTE_CANDLES.format(parts=minutes, order=order)
+    if hourly:
+        parts = " UNION ALL ".join(
+            f"({branch})"
+            for branch in (
+                _MINUTE_PARTS.format(lo="from_ms", hi="head_to", order=order),
+                _HOUR_PARTS.format(order=order),
+                _MINUTE_PARTS.format(lo="tail_from", hi="to_ms", order=order),
+            )
+        )
+    else:
+        parts = minutes
+    return _GROUP_PARTS.format(parts=parts, order=order)
+
+
+CANDLE_SQL = {
+    (hourly, one_minute, newest_first): _candle_sql(
+        hourly=hourly, one_minute=one_minute, order="DESC" if newest_first else "ASC"
+    )
+    for hourly in (False, True)
+    for one_minute in (False, True)
+    for newest_first in (False, True)
+    if not (hourly and one_minute)
+}
+
+
+def candle_params(
+    exchange: str,
+    symbol: str,
+    interval_ms: int,
+    from_ms: int | None,
+    to_ms: int,
+    limit: int,
+) -> dict[str, Any]:
+    """CANDLE_SQL's parameters: the range split as `range_params` does (whole hours from the
+    rollup, the minutes at either end), the grid, and how many parts a branch may read."""
+    params = range_params(exchange, symbol, from_ms, to_ms)
+    params.update(
+        interval=interval_ms,
+        offset=WEEK_OFFSET_MS if interval_ms == WEEK_MS else 0,
+        limit=limit,
+        minute_rows=limit * (interval_ms // MINUTE_MS),
+        hour_rows=limit * max(1, interval_ms // HOUR_MS),
+    )
+    return params
+
 
 MIGRATIONS_TABLE_SQL = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -247,6 +351,28 @@ class PostgresAggregateStore:
             first_ms=first_ms,
             last_ms=last_ms,
         )
+
+    def candles(
+        self,
+        exchange: str,
+        symbol: str,
+        interval_ms: int,
+        from_ms: int | None,
+        to_ms: int,
+        limit: int,
+        newest_first: bool,
+    ) -> list[tuple[int, Bucket]]:
+        if interval_ms % MINUTE_MS or interval_ms <= 0:
+            raise ValueError(f"not a whole number of minutes: {interval_ms}")
+        query = CANDLE_SQL[(interval_ms >= HOUR_MS, interval_ms == MINUTE_MS, newest_first)]
+        params = candle_params(exchange, symbol, interval_ms, from_ms, to_ms, limit)
+        found = self._call(lambda conn: conn.execute(query, params).fetchall())
+        if newest_first:
+            found.reverse()
+        return [
+            (t, [count, total, low, high, open_, close, open_ms, close_ms])
+            for t, count, total, low, high, open_, open_ms, close, close_ms in found
+        ]
 
     def ping(self) -> float:
         def probe(conn: Connection) -> float:

@@ -23,6 +23,11 @@ GOOD = [
     *[f"/prices/{s}/BTCUSDT?period=30s" for s in STATS],
     *[f"/prices/{s}/BTCUSDT?period=1h" for s in STATS],
     *[f"/prices/{s}/test-exchange1/BTCUSDT?period=5m" for s in STATS],
+    "/prices/candles/BTCUSDT",
+    "/prices/candles/btcusdt?interval=1s&limit=1",
+    "/prices/candles/test-exchange1/BTCUSDT?interval=1h&end=2026-11-25T22:41:51.826Z",
+    "/prices/candles/exchange1/BTCUSDT?interval=15s&start=0",
+    "/prices/candles/BTCUSDT?interval=1w&start=0&end=9999999999999&limit=1000",
 ]
 PATHS = GOOD + [path for method, path, _ in BAD_REQUESTS if method == "GET"]
 
