@@ -145,9 +145,11 @@ _HOUR_PARTS = """
      LIMIT %(hour_rows)s
 """
 _GROUP_PARTS = """
-SELECT t, sum(tick_count)::bigint, sum(price_sum), min(min_price), max(max_price),
-       (array_agg(open_price ORDER BY open_ms))[1], min(open_ms),
-       (array_agg(close_price ORDER BY close_ms DESC))[1], max(close_ms)
+SELECT t AS ms, sum(tick_count)::bigint AS tick_count, sum(price_sum) AS price_sum,
+       min(min_price) AS min_price, max(max_price) AS max_price,
+       (array_agg(open_price ORDER BY open_ms))[1] AS open_price, min(open_ms) AS open_ms,
+       (array_agg(close_price ORDER BY close_ms DESC))[1] AS close_price,
+       max(close_ms) AS close_ms
   FROM (SELECT ms - mod(mod(ms - %(offset)s, %(interval)s) + %(interval)s, %(interval)s) AS t,
                tick_count, price_sum, min_price, max_price, open_price, open_ms, close_price,
                close_ms
@@ -156,42 +158,57 @@ SELECT t, sum(tick_count)::bigint, sum(price_sum), min(min_price), max(max_price
  ORDER BY t {order}
  LIMIT %(limit)s
 """
-# A one-minute candle is its minute's row: no grouping.
-_MINUTE_CANDLES = """
+# A one-minute candle is its minute's row, a one-hour candle its rollup row: no grouping but
+# for the minutes of a partial hour at either end.
+_AS_CANDLES = """
 SELECT ms, tick_count, price_sum, min_price, max_price, open_price, open_ms, close_price,
        close_ms
   FROM ({parts}) AS p
  ORDER BY ms {order}
+ LIMIT %(limit)s
 """
 
 
-def _candle_sql(*, hourly: bool, one_minute: bool, order: str) -> str:
-    minutes = _MINUTE_PARTS.format(lo="from_ms", hi="to_ms", order=order)
-    if one_minute:
-        return _MINUTE_CANDLES.format(parts=minutes, order=order)
-    if hourly:
-        parts = " UNION ALL ".join(
-            f"({branch})"
-            for branch in (
-                _MINUTE_PARTS.format(lo="from_ms", hi="head_to", order=order),
-                _HOUR_PARTS.format(order=order),
-                _MINUTE_PARTS.format(lo="tail_from", hi="to_ms", order=order),
-            )
+def _candle_sql(kind: str, order: str) -> str:
+    """`kind`: "minute" (1m), "minutes" (grouped minutes), "hour" (1h), "hours" (grouped hours
+    and edge minutes)."""
+    head = _MINUTE_PARTS.format(lo="from_ms", hi="head_to", order=order)
+    hours = _HOUR_PARTS.format(order=order)
+    tail = _MINUTE_PARTS.format(lo="tail_from", hi="to_ms", order=order)
+    if kind == "minute":
+        parts = _MINUTE_PARTS.format(lo="from_ms", hi="to_ms", order=order)
+        return _AS_CANDLES.format(parts=parts, order=order)
+    if kind == "minutes":
+        parts = _MINUTE_PARTS.format(lo="from_ms", hi="to_ms", order=order)
+        return _GROUP_PARTS.format(parts=parts, order=order)
+    if kind == "hour":
+        branches = (
+            _GROUP_PARTS.format(parts=head, order=order),
+            hours,
+            _GROUP_PARTS.format(parts=tail, order=order),
         )
     else:
-        parts = minutes
-    return _GROUP_PARTS.format(parts=parts, order=order)
+        branches = (
+            _GROUP_PARTS.format(
+                parts=" UNION ALL ".join(f"({b})" for b in (head, hours, tail)), order=order
+            ),
+        )
+    return _AS_CANDLES.format(parts=" UNION ALL ".join(f"({b})" for b in branches), order=order)
 
 
 CANDLE_SQL = {
-    (hourly, one_minute, newest_first): _candle_sql(
-        hourly=hourly, one_minute=one_minute, order="DESC" if newest_first else "ASC"
-    )
-    for hourly in (False, True)
-    for one_minute in (False, True)
+    (kind, newest_first): _candle_sql(kind, "DESC" if newest_first else "ASC")
+    for kind in ("minute", "minutes", "hour", "hours")
     for newest_first in (False, True)
-    if not (hourly and one_minute)
 }
+
+
+def candle_kind(interval_ms: int) -> str:
+    if interval_ms == MINUTE_MS:
+        return "minute"
+    if interval_ms == HOUR_MS:
+        return "hour"
+    return "hours" if interval_ms > HOUR_MS else "minutes"
 
 
 def candle_params(
@@ -364,9 +381,9 @@ class PostgresAggregateStore:
     ) -> list[tuple[int, Bucket]]:
         if interval_ms % MINUTE_MS or interval_ms <= 0:
             raise ValueError(f"not a whole number of minutes: {interval_ms}")
-        query = CANDLE_SQL[(interval_ms >= HOUR_MS, interval_ms == MINUTE_MS, newest_first)]
+        query = CANDLE_SQL[(candle_kind(interval_ms), newest_first)]
         params = candle_params(exchange, symbol, interval_ms, from_ms, to_ms, limit)
-        found = self._call(lambda conn: conn.execute(query, params).fetchall())
+        found = self._call(lambda conn: conn.execute(query, params, binary=True).fetchall())
         if newest_first:
             found.reverse()
         return [

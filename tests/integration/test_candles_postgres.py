@@ -165,8 +165,10 @@ def test_candle_queries_read_indexes_only(
     with connect(pg_config) as conn:
         conn.execute("VACUUM ANALYZE aggregates")
         conn.execute("VACUUM ANALYZE aggregates_hourly")
-        for (hourly, one_minute, _), query in CANDLE_SQL.items():
-            iv = H if hourly else (MINUTE_MS if one_minute else 5 * MINUTE_MS)
+        intervals = {"minute": MINUTE_MS, "minutes": 5 * MINUTE_MS, "hour": H, "hours": 4 * H}
+        for (kind, _), query in CANDLE_SQL.items():
+            iv = intervals[kind]
+            hourly = iv >= H
             for from_ms in (None, W0 + 17 * MINUTE_MS):
                 params = candle_params("ex2", "BTCUSDT", iv, from_ms, W0 + 50 * H, 100)
                 lines = conn.execute("EXPLAIN " + query, params).fetchall()  # type: ignore[call-overload]
