@@ -182,17 +182,14 @@ def _candle_sql(kind: str, order: str) -> str:
         parts = _MINUTE_PARTS.format(lo="from_ms", hi="to_ms", order=order)
         return _GROUP_PARTS.format(parts=parts, order=order)
     if kind == "hour":
-        branches = (
+        branches = [
             _GROUP_PARTS.format(parts=head, order=order),
             hours,
             _GROUP_PARTS.format(parts=tail, order=order),
-        )
+        ]
     else:
-        branches = (
-            _GROUP_PARTS.format(
-                parts=" UNION ALL ".join(f"({b})" for b in (head, hours, tail)), order=order
-            ),
-        )
+        every = " UNION ALL ".join(f"({b})" for b in (head, hours, tail))
+        branches = [_GROUP_PARTS.format(parts=every, order=order)]
     return _AS_CANDLES.format(parts=" UNION ALL ".join(f"({b})" for b in branches), order=order)
 
 
