@@ -16,7 +16,7 @@ import trio
 
 from marketflow import __version__
 from marketflow.aggregation import Aggregator
-from marketflow.broadcast import PriceHub
+from marketflow.broadcast import HEARTBEAT_S, PriceHub
 from marketflow.config import Config
 from marketflow.flusher import RedisFlusher, StoreHealth, describe, probe_stores
 from marketflow.metrics import Metrics
@@ -60,6 +60,9 @@ class Service:
             all_sources=config.all_sources,
             interval_s=app.ws_min_interval_ms / 1000,
             max_lag_s=app.ws_max_lag_s,
+            grace_ms=app.grace_ms,
+            heartbeat_s=HEARTBEAT_S,
+            clock=clock,
         )
         self.redis: PriceStore = price_store or RedisPriceStore(
             config.redis, window_seconds=app.window_seconds, ttl_seconds=app.redis_ttl_seconds

@@ -39,6 +39,7 @@ class KeyState:
         "latest_dirty",
         "latest_price",
         "latest_ts",
+        "live_dirty",
         "minute_base",
         "minutes_dirty",
         "redis_dirty",
@@ -57,6 +58,8 @@ class KeyState:
         self.minute_base: dict[int, Bucket] = {}
         self.redis_dirty: set[int] = set()
         self.minutes_dirty: set[int] = set()
+        # Seconds changed since the live candles last looked; None while nobody follows them.
+        self.live_dirty: set[int] | None = None
         self.horizon_s = 0
 
     def fold(self, ticks: Iterable[Tick]) -> int:
@@ -64,6 +67,7 @@ class KeyState:
         buckets = self.buckets
         redis_dirty = self.redis_dirty
         minutes_dirty = self.minutes_dirty
+        live_dirty = self.live_dirty
         horizon = self.horizon_s
         latest_price, latest_ts = self.latest_price, self.latest_ts
         late = 0
@@ -78,6 +82,8 @@ class KeyState:
                 last_sec = sec
                 redis_dirty.add(sec)
                 minutes_dirty.add(sec // 60)
+                if live_dirty is not None:
+                    live_dirty.add(sec)
                 got = buckets.get(sec)
                 if got is None:
                     buckets[sec] = b = [1, price, price, price, price, price, ts, ts]
@@ -135,10 +141,13 @@ class KeyState:
         return sorted({s // 60 for s in self.buckets} | set(self.minute_base))
 
     def prune(self, keep_from_s: int) -> None:
-        """Forget whole minutes that end before `keep_from_s` and are written."""
+        """Forget whole minutes that end before `keep_from_s`, are written, and whose changes
+        the live candles have seen."""
         cutoff_minute = keep_from_s // 60
         if self.minutes_dirty:
             cutoff_minute = min(cutoff_minute, min(self.minutes_dirty))
+        if self.live_dirty:
+            cutoff_minute = min(cutoff_minute, min(self.live_dirty) // 60)
         cutoff_s = cutoff_minute * 60
         if cutoff_s <= self.horizon_s:
             return
