@@ -221,18 +221,15 @@ async def serve(
     try:
         sub = parse_query(catalog, query)
     except QueryError as exc:
-        await send(with_seq(1, error_frame(exc.message)))
-        return CLOSE_POLICY, exc.message
+        return await _refuse(send, CLOSE_POLICY, exc.message)
     if not hub.running:
-        await send(with_seq(1, error_frame("the live stream is not running")))
-        return CLOSE_INTERNAL, "the live stream is not running"
+        return await _refuse(send, CLOSE_INTERNAL, "the live stream is not running")
     pairs = hub.candle_pairs(sub.symbols, sub.candles)
     if pairs:
         try:
             await hub.book.acquire(ctx, pairs)
         except QueryError as exc:
-            await send(with_seq(1, error_frame(exc.message)))
-            return CLOSE_TRY_AGAIN, exc.message
+            return await _refuse(send, CLOSE_TRY_AGAIN, exc.message)
     client = hub.add(sub.symbols, sub.exchanges, sub.candles)
     client.candle_pairs = pairs
     try:
@@ -248,6 +245,15 @@ async def serve(
     if client.close_code is not None:
         return client.close_code, client.close_reason
     return None
+
+
+async def _refuse(send: Send, code: int, reason: str) -> tuple[int, str] | None:
+    """The first and only frame: an error; then close with `code` (None: the client left)."""
+    try:
+        await send(with_seq(1, error_frame(reason)))
+    except ClientGone:
+        return None
+    return code, reason
 
 
 async def _pump(hub: PriceHub, client: Client, send: Send, scope: trio.CancelScope) -> None:
