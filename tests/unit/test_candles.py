@@ -172,13 +172,13 @@ def test_span_rules() -> None:
 # --- candles from memory and stored minutes equal candles from the raw ticks --------------------
 
 Arrival = tuple[str, float, int]  # (source, price, ts), in arrival order
-SOURCE_ORDER = sorted([A, B, C])
 
 
 def reference(ticks: Sequence[Arrival], interval: str) -> dict[int, dict[str, Any]]:
     """Candles computed straight from ticks: earliest open and latest close by timestamp, ties by
     source name (first in order), then by arrival."""
     iv = INTERVALS[interval]
+    names = sorted({source for source, _, _ in ticks})
     out: dict[int, dict[str, Any]] = {}
     best: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = {}
     for i, (source, price, ts) in enumerate(ticks):
@@ -189,7 +189,7 @@ def reference(ticks: Sequence[Arrival], interval: str) -> dict[int, dict[str, An
         c["high"] = max(c["high"], price)
         c["low"] = min(c["low"], price)
         open_key = (ts, source, i)
-        close_key = (ts, -SOURCE_ORDER.index(source), i)
+        close_key = (ts, -names.index(source), i)
         got = best.get(t)
         if got is None:
             best[t] = (open_key, close_key)
