@@ -136,8 +136,11 @@ async def test_candles_equal_the_ticks_before_and_after_a_restart(
     for interval in ("1m", "3m", "1h", "1d"):
         for sources in (["exchange1"], ["exchange3"], everyone):
             check_rest(mf, ticks, interval, sources)
-    window = align(int(time.time() * 1000) - 110_000, 15_000) + 15_000
-    check_rest(mf, ticks, "15s", everyone, since=window)
+    # Seconds resumed from Redis or a stored row start with the first whole minute inside the
+    # window; a minute resumed from its row holds its ticks up to the row's close time in no
+    # second, so sub-minute candles start after the last tick of the first run.
+    resumed = max(ts for _, _, ts in ticks[:-1]) + 1
+    check_rest(mf, ticks, "15s", everyone, since=align(resumed, 15_000) + 15_000)
 
     # The WebSocket's hourly candle after the restart holds PostgreSQL's share too.
     url = f"ws://127.0.0.1:{mf.port}/ws/prices?symbols=BTCUSDT&candles=1h"
