@@ -80,10 +80,12 @@ def parse_wrk(output: str) -> dict[str, Any]:
     return out
 
 
-def wrk(url: str, connections: int, seconds: float) -> dict[str, Any]:
+def wrk(url: str, connections: int, seconds: float, script: str | None = None) -> dict[str, Any]:
+    """wrk's figures for `url`; `script`: a Lua file that makes each request (wrk -s)."""
     threads = min(2, connections)
+    extra = ["-s", script] if script else []
     result = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency", *extra, url],
         capture_output=True,
         text=True,
         check=True,

@@ -14,6 +14,7 @@ minutes from its first held minute on from memory, older ones from PostgreSQL, n
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
@@ -386,13 +387,23 @@ async def candle_answer(
     span = plan_span(CandleQuery(interval, start, end, limit), now_ms, window_seconds)
     per_source = await key_candles(ctx, [(s, symbol) for s in sources], span)
     parts = per_source[sources[0]] if len(per_source) == 1 else across(per_source)
-    iv = span.interval_ms
+    closed_from = now_ms - span.interval_ms - grace_ms  # a candle starting by then is closed
     return {
         "symbol": symbol,
         "exchange": exchange_label,
         "interval": interval,
+        # candle_json inlined: a thousand calls cost more than the dicts themselves
         "candles": [
-            candle_json(t, b, interval_ms=iv, now_ms=now_ms, grace_ms=grace_ms)
+            {
+                "t": t,
+                "open": b[FIRST],
+                "high": b[MAX],
+                "low": b[MIN],
+                "close": b[LAST],
+                "average": b[SUM] / b[COUNT],
+                "count": int(b[COUNT]),
+                "closed": t <= closed_from,
+            }
             for t, b in take(parts, span.limit, span.newest_first)
         ],
     }
@@ -431,12 +442,19 @@ async def key_candles(ctx: QueryContext, keys: Sequence[Key], span: CandleSpan) 
             reads.append(StoreCandles(store_range, iv, span.limit, span.newest_first))
     if reads:
         stored = await ctx.range_cache.shared(
-            ("candles", *reads), lambda: read_store(ctx, lambda store: read_candles(store, reads))
+            ("candles", *reads),
+            lambda: read_store(ctx, functools.partial(read_candles, reads=reads)),
+            keep=False,  # a thousand candles each: shared in flight, not kept
         )
         for read, found in zip(reads, stored, strict=True):
-            held = out[read.range.source]
-            merged: Parts = {t: list(b) for t, b in found}
-            for t, bucket in held.items():  # held minutes are newer than stored ones
-                add_part(merged, t, bucket)
+            # `found` may be shared with concurrent requests (RangeCache): never mutated.
+            merged: Parts = dict(found)
+            for t, bucket in out[read.range.source].items():
+                got = merged.get(t)
+                if got is None:
+                    merged[t] = bucket
+                else:  # the interval where stored minutes end and held ones begin
+                    merged[t] = combined = list(got)
+                    merge_bucket(combined, bucket)
             out[read.range.source] = merged
     return out

@@ -208,20 +208,33 @@ class QueryContext(Protocol):
     range_cache: RangeCache
 
 
+class _Flight:
+    """One read in progress; its waiters take its answer when `done` is set (if it got one)."""
+
+    __slots__ = ("answer", "done", "ok")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.ok = False
+        self.answer: Any = None
+
+
 class RangeCache:
     """Single-flight, short-lived answers to identical PostgreSQL reads.
 
     The minutes these reads cover are older than anything memory holds, so they change only
     when a journal replay commits; without sharing, 64 clients asking for `?period=1d` queue 64
     identical reads behind the one reader connection. Concurrent identical requests wait for one
-    read; its answer serves for `ttl_s`.
+    read; its answer serves for `ttl_s` (or not at all once read: `shared(..., keep=False)`).
+    Expired answers leave one by one as new ones arrive, so neither memory nor a pause to free
+    them grows with the request rate.
     """
 
     def __init__(self, ttl_s: float = 1.0, max_entries: int = 256) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
-        self._answers: dict[Hashable, tuple[float, Any]] = {}
-        self._inflight: dict[Hashable, trio.Event] = {}
+        self._answers: dict[Hashable, tuple[float, Any]] = {}  # oldest first
+        self._inflight: dict[Hashable, _Flight] = {}
 
     async def get(self, ctx: QueryContext, ranges: Sequence[StoreRange]) -> list[RangeStats | None]:
         """Statistics over `ranges`, shared."""
@@ -230,27 +243,42 @@ class RangeCache:
         )
         return answer
 
-    async def shared(self, key: Hashable, read: Callable[[], Awaitable[Any]]) -> Any:
-        """`await read()`, or the answer of an identical read (same `key`) in flight or done
-        within `ttl_s`."""
+    async def shared(
+        self, key: Hashable, read: Callable[[], Awaitable[Any]], *, keep: bool = True
+    ) -> Any:
+        """`await read()`, or the answer of an identical read (same `key`) in flight, or done
+        within `ttl_s` (`keep=False`: in flight only; for large answers seldom asked twice)."""
         while True:
             cached = self._answers.get(key)
             if cached is not None and trio.current_time() - cached[0] < self.ttl_s:
                 return cached[1]
-            pending = self._inflight.get(key)
-            if pending is None:
+            flight = self._inflight.get(key)
+            if flight is None:
                 break
-            await pending.wait()  # then read the answer it left, or try ourselves if it failed
-        done = self._inflight[key] = trio.Event()
+            await flight.done.wait()
+            if flight.ok:
+                return flight.answer
+            # it failed: try ourselves
+        flight = self._inflight[key] = _Flight()
         try:
-            answer = await read()
-            if len(self._answers) >= self.max_entries:
-                self._answers.clear()
-            self._answers[key] = (trio.current_time(), answer)
+            flight.answer = answer = await read()
+            flight.ok = True
+            if keep:
+                self._keep(key, answer)
             return answer
         finally:
             del self._inflight[key]
-            done.set()
+            flight.done.set()
+
+    def _keep(self, key: Hashable, answer: Any) -> None:
+        now = trio.current_time()
+        answers = self._answers
+        answers.pop(key, None)  # re-inserted last: the dict stays in time order
+        for oldest in list(answers):
+            if now - answers[oldest][0] < self.ttl_s and len(answers) < self.max_entries:
+                break
+            del answers[oldest]
+        answers[key] = (now, answer)
 
 
 @attrs.frozen
