@@ -97,7 +97,7 @@ def wrk(url: str, connections: int, seconds: float, script: str | None = None) -
 class BareAsgi(Process):
     """`benchmarks.bare_asgi` on Hypercorn's Trio worker, on a free port."""
 
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self, workers: int = 1, body_bytes: int = 0) -> None:
         self.port = free_port()
         hypercorn = str(Path(sys.executable).with_name("hypercorn"))
         super().__init__(
@@ -111,6 +111,7 @@ class BareAsgi(Process):
                 f"127.0.0.1:{self.port}",
                 "benchmarks.bare_asgi:app",
             ],
+            env={"BARE_ASGI_BODY_BYTES": str(body_bytes)} if body_bytes else None,
             cwd=REPO,
         )
         self.url = f"http://127.0.0.1:{self.port}/"

@@ -1,6 +1,7 @@
 """REST candles over a year of minutes, every request a different range.
 
     .venv/bin/python -m benchmarks.bench_candles [--seconds 10] [--connections 8] [--rate 10000]
+        [--profile DIR]
 
 marketflow (live mode) ingests `--rate` updates/s (10,000) from three `benchmarks.blaster` feeds
 (a low rate tells the candles' own cost from ingest's); its database gets a year of minutes for
@@ -12,7 +13,9 @@ rows), ending where the live minutes begin. wrk (`-t2 --latency`, keep-alive) th
 
 each request with its own range (a Lua script): half `start=<random ms in the year>` (the first
 1,000 from there), half `end=<random ms>` (the last 1,000 before it). Afterwards the ticks
-folded must equal the ticks sent. Targets at 8 connections: 1h p99 < 50 ms, 1m p99 < 20 ms.
+folded must equal the ticks sent, and the HTTP server alone (`benchmarks.bare_asgi`) answers a
+fixed body of the same size, for the ceiling. Targets at 8 connections: 1h p99 < 50 ms,
+1m p99 < 20 ms.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import psycopg
 
-from benchmarks.bench_api import wrk
+from benchmarks.bench_api import BareAsgi, wrk
 from benchmarks.common import (
     Blaster,
     CpuMeter,
@@ -35,7 +38,10 @@ from benchmarks.common import (
     emit,
     folded,
     live_marketflow,
+    profile_breakdown,
     progress,
+    py_spy,
+    py_spy_record,
 )
 from tests.procs import Marketflow, wait_for
 
@@ -102,8 +108,27 @@ def service(rate: int, budget_s: float) -> Iterator[tuple[Marketflow, str, list[
             b.close()
 
 
-def run(seconds: float, connections: list[int], rate: int) -> None:
+def ceiling(connections: list[int], seconds: float, body_bytes: int) -> None:
+    """The HTTP server alone answering a fixed body of a thousand candles' size."""
+    server = BareAsgi(body_bytes=body_bytes)
+    try:
+        for c in connections:
+            progress(f"candles: bare ASGI, {body_bytes:,}-byte answers, {c} connections")
+            emit(
+                "candles",
+                f"bare ASGI, {body_bytes:,} B answers, {c} conn",
+                server="bare",
+                body_bytes=body_bytes,
+                connections=c,
+                **wrk(server.url, c, seconds),
+            )
+    finally:
+        server.close()
+
+
+def run(seconds: float, connections: list[int], rate: int, profile: Path | None) -> None:
     budget = len(CASES) * len(connections) * (seconds + 5) + 180
+    sizes: list[int] = []
     with service(rate, budget) as (mf, dbname, blasters):
         # The year ends ten minutes ago: the newest candles combine memory and PostgreSQL.
         end = (int(time.time() * 1000) // 60_000 - 10) * 60_000
@@ -113,9 +138,10 @@ def run(seconds: float, connections: list[int], rate: int) -> None:
             # Ranges that hold 1,000 candles either way: starts from the year's start to 1,000
             # intervals before its end, ends from 1,000 intervals after its start.
             span = YEAR_MS - 1000 * iv
-            sample = mf.get(f"{path}&start={first + span // 2}").json()
-            if len(sample.get("candles", [])) != 1000:
-                raise RuntimeError(f"GET {path}: {str(sample)[:300]}")
+            sample = mf.get(f"{path}&start={first + span // 2}")
+            if len(sample.json().get("candles", [])) != 1000:
+                raise RuntimeError(f"GET {path}: {sample.text[:300]}")
+            sizes.append(len(sample.content))
             with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
                 script.write(LUA.format(seed=7, first=first + 1000 * iv, span=span, path=path))
             for c in connections:
@@ -134,12 +160,30 @@ def run(seconds: float, connections: list[int], rate: int) -> None:
                     cpu_percent=round(cpu.read()),
                     **result,
                 )
+            if profile is not None:
+                profile.mkdir(parents=True, exist_ok=True)
+                c = max(connections)
+                out = profile / f"candles-{name}-{c}conn.txt"
+                progress(f"candles: py-spy on {name} x 1000, {c} connections -> {out}")
+                spy = py_spy_record(mf.proc.pid, out, seconds)
+                result = wrk(mf.url + path, c, seconds, script=script.name)
+                spy.wait(timeout=seconds + 30)
+                emit(
+                    "candles-profile",
+                    f"{name} x 1000, {c} conn, under py-spy",
+                    interval=name,
+                    connections=c,
+                    file=str(out),
+                    requests_per_s=result["requests_per_s"],
+                    **profile_breakdown(out),
+                )
             Path(script.name).unlink()
         sent = blasters_done(blasters, 60, finish=True)
         wait_for(lambda: folded(mf) >= sent, 60, "every tick folded", interval=0.05)
         emit(
             "candles", "ingest during the candle load", rate=rate, sent=sent, lost=sent - folded(mf)
         )
+    ceiling(connections, seconds, max(sizes))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,11 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="per wrk run")
     parser.add_argument("--connections", type=lambda s: [int(x) for x in s.split(",")], default=[8])
     parser.add_argument("--rate", type=int, default=RATE, help="updates/s ingested meanwhile")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
     args = parser.parse_args(argv)
+    if args.profile is not None and py_spy() is None:
+        progress("candles: py-spy is not installed (make bench installs it); no profile")
+        args.profile = None
     if shutil.which("wrk") is None:
         progress("candles: wrk is not installed (make bench installs it with apt-get)")
         return 2
-    run(args.seconds, args.connections, args.rate)
+    run(args.seconds, args.connections, args.rate, args.profile)
     return 0
 
 

@@ -19,6 +19,7 @@ client is closed with 1001.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -85,6 +86,8 @@ class Client:
         "control",
         "exchanges",
         "frame",
+        "heartbeat_due",
+        "last_sent",
         "pending",
         "pending_candles",
         "pending_since",
@@ -111,6 +114,8 @@ class Client:
         self.candle_frame: str | None = None
         self.pending_since: float | None = None  # when the oldest unsent item arrived
         self.seq = 0  # the last frame's
+        self.last_sent = math.inf  # when its sender last sent a frame (Trio time)
+        self.heartbeat_due = False  # set by the hub after heartbeat_s without a frame
         self.control: deque[str | None] = deque()  # error frames and SNAPSHOT markers
         self.close_code: int | None = None
         self.close_reason = ""
@@ -208,13 +213,12 @@ class Client:
     def idle(self) -> bool:
         return not (self.control or self.pending or self.pending_candles)
 
-    async def wait(self, deadline: float = float("inf")) -> None:
-        """Until something is waiting to be sent, the client is closed, or `deadline` (Trio
-        time) has passed."""
-        with trio.move_on_at(deadline):
-            while self.idle and self.close_code is None:
-                self._wake = trio.Event()
-                await self._wake.wait()
+    async def wait(self) -> None:
+        """Until something is waiting to be sent, a heartbeat is due, or the client is
+        closed."""
+        while self.idle and not self.heartbeat_due and self.close_code is None:
+            self._wake = trio.Event()
+            await self._wake.wait()
         self._wake = None
 
     def close(self, code: int, reason: str) -> None:
@@ -382,11 +386,22 @@ class PriceHub:
                             text = frame("candles", ours.values())
                             self.frames_serialised += 1
                         client.deliver_candles(ours, text, now)
-        self.drop_lagging(now)
+        self.check_clients(now)
         return len(changed)
 
-    def drop_lagging(self, now: float) -> None:
+    def check_clients(self, now: float) -> None:
+        """Drop lagging clients; wake the senders of those due a heartbeat (one pass over the
+        clients per step, instead of a timer per client)."""
+        heartbeat = self.heartbeat_s
         for client in list(self.clients):
+            if (
+                heartbeat is not None
+                and not client.heartbeat_due
+                and now - client.last_sent >= heartbeat
+                and client.idle
+            ):
+                client.heartbeat_due = True
+                client.wake()
             since = client.pending_since
             if since is not None and now - since > self.max_lag_s:
                 log.warning(
@@ -439,20 +454,19 @@ class PriceHub:
         Owned by the client's connection handler; `send` may block (a slow network) without
         affecting anyone else."""
         last_data = -self.interval_s
-        last_sent = trio.current_time()
 
         async def send_frame(body: str) -> None:
-            nonlocal last_sent
             client.seq += 1
+            client.heartbeat_due = False
             await send(with_seq(client.seq, body))
-            last_sent = trio.current_time()
+            client.last_sent = trio.current_time()
 
-        heartbeat = float("inf") if self.heartbeat_s is None else self.heartbeat_s
+        client.last_sent = trio.current_time()
         while True:
-            await client.wait(last_sent + heartbeat)
+            await client.wait()
             if client.close_code is not None:
                 return
-            if client.idle:
+            if client.idle:  # woken for a heartbeat only
                 time_ms = int(self.clock() * 1000)
                 await send_frame(f'{{"type":"heartbeat","time":{time_ms}}}')
                 continue

@@ -28,6 +28,7 @@ from marketflow.state import MarketState
 
 log = logging.getLogger("marketflow.service")
 RESTORE_TIMEOUT_S = 5.0
+READER_CONNECTIONS = 2
 
 
 class Service:
@@ -44,6 +45,7 @@ class Service:
         clock: Callable[[], float] = time.time,
     ) -> None:
         from marketflow.store.journal import FileJournal
+        from marketflow.store.pool import StorePool
         from marketflow.store.postgres import PostgresAggregateStore
         from marketflow.store.redis import RedisPriceStore
 
@@ -68,11 +70,12 @@ class Service:
             config.redis, window_seconds=app.window_seconds, ttl_seconds=app.redis_ttl_seconds
         )
         self.postgres: AggregateStore = aggregate_store or PostgresAggregateStore(config.postgres)
-        # The API reads through its own connection so queries never wait behind a batch write.
-        self.postgres_reader: AggregateStore = query_store or PostgresAggregateStore(
-            config.postgres
+        # The API reads through its own connections so queries never wait behind a batch write;
+        # two of them, so one request's read (a thousand candles: a few ms) runs beside another's.
+        self.postgres_reader: AggregateStore = query_store or StorePool(
+            [PostgresAggregateStore(config.postgres) for _ in range(READER_CONNECTIONS)]
         )
-        self.query_limiter = trio.CapacityLimiter(1)
+        self.query_limiter = trio.CapacityLimiter(READER_CONNECTIONS)
         self.range_cache = RangeCache()
         self.journal: Journal = journal or FileJournal(Path(app.data_dir) / "journal.ndjson")
         self.redis_health = StoreHealth("redis")
