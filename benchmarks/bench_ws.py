@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         args.profile = None
     progress(f"ws: {args.clients} clients for {args.seconds} s at {RATE} updates/s")
     case = f"{args.clients} clients" + (f", candles {args.candles}" if args.candles else "")
-    emit("ws", case, **run(args.clients, args.seconds, args.profile, args.candles))
+    bench = "ws-candles" if args.candles else "ws"
+    emit(bench, case, **run(args.clients, args.seconds, args.profile, args.candles))
     return 0
 
 

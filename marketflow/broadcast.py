@@ -1,8 +1,10 @@
 """Fan-out of latest prices and live candles to WebSocket clients (contract: WebSocket).
 
 One hub task (`PriceHub.run`) wakes every `interval_s`, compares each key's latest price with
-what it last published (keys are few), takes the candles that changed from its `CandleBook`,
-and hands each client the changes it subscribes to. It never awaits a client: it only writes
+what it last published (keys are few), takes the candles that changed from its `CandleBook`
+(handed out at most once per `candle_interval_s`: a frame's cost is mostly per frame, and the
+prices already carry every tick's freshness), and hands each client the changes it subscribes
+to. It never awaits a client: it only writes
 into the client's coalescing buffers, dicts key -> newest entry, which can never hold more
 entries than there are keys (and open candles). Each client has its own sender task
 (`PriceHub.pump`) that empties those buffers into at most one `prices` and one `candles` frame
@@ -39,6 +41,7 @@ CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY: Final = 1008
 CONTROL_MAX: Final = 16  # queued snapshot/error frames per client before its reader waits
 HEARTBEAT_S: Final = 1.0  # a heartbeat after this long without another frame
+CANDLE_FRAME_MIN_S: Final = 0.5  # candles frames at most this often (and ws_min_interval_ms)
 
 Entry = dict[str, Any]  # {"symbol","exchange","price","timestamp"}: shared, never mutated
 Shape = tuple[frozenset[str] | None, frozenset[str] | None, frozenset[str]]
@@ -244,6 +247,7 @@ class PriceHub:
         max_lag_s: float,
         grace_ms: int = 2000,
         heartbeat_s: float | None = None,
+        candle_interval_s: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.state = state
@@ -255,6 +259,11 @@ class PriceHub:
         self.heartbeat_s = heartbeat_s  # None: no heartbeats
         self.clock = clock  # wall time, for candle closings and heartbeat times
         self.book = CandleBook(state, all_sources=all_sources, grace_ms=grace_ms, clock=clock)
+        # Candle changes gather here and go out at most once per candle_interval_s (None: every
+        # step); the latest value of each candle wins.
+        self.candle_interval_s = interval_s if candle_interval_s is None else candle_interval_s
+        self._candle_backlog: dict[CandleKey, Entry] = {}
+        self._candles_at = -math.inf
         self.clients: set[Client] = set()
         self.published: dict[Key, tuple[int, float]] = {}
         self.running = False
@@ -361,6 +370,13 @@ class PriceHub:
         changed = self.changes()
         current_list = self.current_sources()
         candles = self.book.step(int(self.clock() * 1000), current_list)
+        if candles or self._candle_backlog:
+            self._candle_backlog.update(candles)
+            if now >= self._candles_at - 1e-9:  # a step may start a hair early
+                candles, self._candle_backlog = self._candle_backlog, {}
+                self._candles_at = now + self.candle_interval_s
+            else:
+                candles = {}
         if (changed or candles) and self.clients:
             current = frozenset(current_list)
             by_shape: dict[Shape, list[Client]] = {}

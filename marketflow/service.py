@@ -16,7 +16,7 @@ import trio
 
 from marketflow import __version__
 from marketflow.aggregation import Aggregator
-from marketflow.broadcast import HEARTBEAT_S, PriceHub
+from marketflow.broadcast import CANDLE_FRAME_MIN_S, HEARTBEAT_S, PriceHub
 from marketflow.config import Config
 from marketflow.flusher import RedisFlusher, StoreHealth, describe, probe_stores
 from marketflow.metrics import Metrics
@@ -64,6 +64,7 @@ class Service:
             max_lag_s=app.ws_max_lag_s,
             grace_ms=app.grace_ms,
             heartbeat_s=HEARTBEAT_S,
+            candle_interval_s=max(app.ws_min_interval_ms / 1000, CANDLE_FRAME_MIN_S),
             clock=clock,
         )
         self.redis: PriceStore = price_store or RedisPriceStore(
