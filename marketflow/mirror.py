@@ -203,7 +203,9 @@ class Mirror:
             self.apply(update)
         for key, horizon_s in list(self._held_back.items()):
             st = self.state.keys[key]
-            if not st.owned:
+            if st.owned:  # ingested here now: its own prune decides
+                del self._held_back[key]
+            else:
                 self._set_horizon(key, st, horizon_s, st.minute_base)
         self.on_change()
         return resync
