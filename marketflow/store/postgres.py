@@ -443,9 +443,13 @@ class PostgresAggregateStore:
     ) -> list[tuple[int, Bucket]]:
         if interval_ms % MINUTE_MS or interval_ms <= 0:
             raise ValueError(f"not a whole number of minutes: {interval_ms}")
-        query = CANDLE_SQL[(candle_kind(interval_ms), newest_first)]
+        kind = candle_kind(interval_ms)
         params = candle_params(exchange, symbol, interval_ms, from_ms, to_ms, limit)
-        found = self._call(lambda conn: conn.execute(query, params, binary=True).fetchall())
+        found = self._call(
+            lambda conn: conn.execute(
+                CANDLE_SQL[(kind, newest_first)], params, binary=True
+            ).fetchall()
+        )
         if newest_first:
             found.reverse()
         return [
