@@ -168,6 +168,28 @@ async def test_candles_across_the_current_mode_and_for_one_source() -> None:
     assert (status, body["candles"]) == (200, [])  # no tick, no candle
 
 
+GOOD_CANDLES = [
+    ("/prices/candles/BTCUSDT", "all", "1m"),
+    ("/prices/candles/btcusdt?interval=1s&limit=1", "all", "1s"),
+    ("/prices/candles/test-exchange1/BTCUSDT?interval=1h&end=2026-11-25T22:41:51.826Z", None, "1h"),
+    ("/prices/candles/exchange1/BTCUSDT?interval=15s&start=0", None, "15s"),
+    ("/prices/candles/BTCUSDT?interval=1w&start=0&end=9999999999999&limit=1000", "all", "1w"),
+    ("/prices/candles/BTCUSDT?interval=1d&start=2026-11-26T00:41:51%2B02:00", "all", "1d"),
+]
+
+
+@pytest.mark.parametrize(("path", "label", "interval"), GOOD_CANDLES)
+async def test_candle_queries_that_are_answered(
+    path: str, label: str | None, interval: str
+) -> None:
+    app, _ = make_app()
+    status, body, _ = await call(app, "GET", path)
+    assert status == 200, body
+    exchange = label or path.split("/")[3]
+    assert (body["symbol"], body["exchange"], body["interval"]) == ("BTCUSDT", exchange, interval)
+    assert isinstance(body["candles"], list) and "fallback" not in body
+
+
 async def test_openapi_document_covers_every_route() -> None:
     app, _ = make_app()
     status, body, _ = await call(app, "GET", "/openapi.json")

@@ -24,8 +24,12 @@ from marketflow.candles import (
     plan_span,
 )
 from marketflow.config import build_config
+from marketflow.health import StoreHealth
+from marketflow.minute_reader import MinuteReader
+from marketflow.models import MinuteRow
 from marketflow.node import Node
 from marketflow.queries import QueryError
+from marketflow.state import MarketState
 from marketflow.store.memory import MemoryAggregateStore
 from tests.unit.node_fakes import fake_node, take_over_all
 
@@ -382,3 +386,70 @@ async def test_equal_tick_times_go_to_the_source_named_first_then_to_arrival() -
         assert (a_b["open"], a_b["close"], a_b["count"]) == (1.0, 1.5, 3), interval
         [b_c] = await answer(node, [C, B], CandleQuery(interval), T2)
         assert (b_c["open"], b_c["close"]) == (9.0, 2.0), interval
+
+
+class FallbackView:
+    """The read port of an api process whose Redis is unreachable: a mirror that may still hold
+    old state, and the stored minutes."""
+
+    fallback = True
+    fresh_ms = 70_000
+
+    def __init__(self, store: MemoryAggregateStore) -> None:
+        self.state = MarketState(WINDOW, owned_by_default=False)
+        self.stored = MinuteReader(store, StoreHealth("postgres"), ttl_s=0.0)
+
+    def sources(self) -> list[str]:
+        return [A, B]
+
+    def now(self) -> float:
+        return T2 / 1000
+
+
+async def test_the_fallback_answers_from_stored_minutes_alone_and_says_so() -> None:
+    store = MemoryAggregateStore()
+    minute = H0 - 2 * MINUTE_MS  # two minutes of the 5m candle before H0
+    store.upsert(
+        [
+            MinuteRow(A, SYM, minute, 2, 20.0, 9.0, 11.0, 9.0, 11.0),
+            MinuteRow(B, SYM, minute + MINUTE_MS, 3, 36.0, 11.0, 13.0, 13.0, 11.0),
+        ]
+    )
+    view = FallbackView(store)
+    view.state.key(A, SYM).fold([(SYM, 500.0, T2 - 1000)])  # a stale mirror: not asked
+    body = await candle_answer(
+        view,
+        symbol=SYM,
+        sources=[A, B],
+        exchange_label="all",
+        interval="5m",
+        start=None,
+        end=None,
+        limit=10,
+        now=view.now(),
+        window_seconds=WINDOW,
+        grace_ms=GRACE,
+    )
+    assert body["fallback"] == "postgres"
+    [candle] = body["candles"]
+    assert (candle["count"], candle["open"], candle["close"], candle["high"]) == (
+        5,
+        9.0,
+        11.0,
+        13.0,
+    )
+    with pytest.raises(QueryError) as info:
+        await candle_answer(
+            view,
+            symbol=SYM,
+            sources=[A],
+            exchange_label=A,
+            interval="15s",
+            start=None,
+            end=None,
+            limit=10,
+            now=view.now(),
+            window_seconds=WINDOW,
+            grace_ms=GRACE,
+        )
+    assert info.value.status == 503 and "Redis" in info.value.message
