@@ -80,10 +80,12 @@ def parse_wrk(output: str) -> dict[str, Any]:
     return out
 
 
-def wrk(url: str, connections: int, seconds: float) -> dict[str, Any]:
+def wrk(url: str, connections: int, seconds: float, script: str | None = None) -> dict[str, Any]:
+    """wrk's figures for `url`; `script`: a Lua file that makes each request (wrk -s)."""
     threads = min(2, connections)
+    extra = ["-s", script] if script else []
     result = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency", *extra, url],
         capture_output=True,
         text=True,
         check=True,
@@ -95,7 +97,7 @@ def wrk(url: str, connections: int, seconds: float) -> dict[str, Any]:
 class BareAsgi(Process):
     """`benchmarks.bare_asgi` on Hypercorn's Trio worker, on a free port."""
 
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self, workers: int = 1, body_bytes: int = 0) -> None:
         self.port = free_port()
         hypercorn = str(Path(sys.executable).with_name("hypercorn"))
         super().__init__(
@@ -109,6 +111,7 @@ class BareAsgi(Process):
                 f"127.0.0.1:{self.port}",
                 "benchmarks.bare_asgi:app",
             ],
+            env={"BARE_ASGI_BODY_BYTES": str(body_bytes)} if body_bytes else None,
             cwd=REPO,
         )
         self.url = f"http://127.0.0.1:{self.port}/"

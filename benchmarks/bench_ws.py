@@ -1,14 +1,15 @@
 """WebSocket fan-out: a thousand clients following every market while marketflow ingests.
 
-    .venv/bin/python -m benchmarks.bench_ws [--clients 1000] [--seconds 20]
+    .venv/bin/python -m benchmarks.bench_ws [--clients 1000] [--seconds 20] [--candles 1m,1h]
 
 marketflow (live mode) ingests 10,000 updates/s from three `benchmarks.blaster` feeds; a separate
 process (`benchmarks.ws_clients`, trio-websocket, every client in one Trio process) connects
-`--clients` clients to `/ws/prices` (all symbols, all exchanges) and measures, per client, the
-`prices` frames per second, the longest gap between two frames, and each price's age when it
-arrives. Also printed: marketflow's and the client process's CPU, and the ticks folded against
-the ticks sent (the fan-out must not cost ingest a tick). `--profile DIR` records marketflow
-with py-spy for half of the measured time and prints where its main thread spends it.
+`--clients` clients to `/ws/prices` (all symbols, all exchanges; with `--candles`, each client
+also subscribes to those candle intervals) and measures, per client, the `prices` (and
+`candles`) frames per second, the longest gap between two data frames, and each price's age
+when it arrives. Also printed: marketflow's and the client process's CPU, and the ticks folded
+against the ticks sent (the fan-out must not cost ingest a tick). `--profile DIR` records
+marketflow with py-spy for half of the measured time and prints where its main thread spends it.
 Targets: every client gets a frame at least every 250 ms; p99 lag <= 500 ms.
 """
 
@@ -49,7 +50,9 @@ def json_line(proc: Process, key: str) -> dict[str, Any] | None:
     return None
 
 
-def run(clients: int, seconds: float, profile: Path | None = None) -> dict[str, Any]:
+def run(
+    clients: int, seconds: float, profile: Path | None = None, candles: str = ""
+) -> dict[str, Any]:
     connect_budget = 30 + clients / 20
     budget = 60 + connect_budget + WARMUP_S + seconds  # the blasters are told when to finish
     with ingesting(RATE, budget, FEEDS) as (mf, blasters):
@@ -59,7 +62,7 @@ def run(clients: int, seconds: float, profile: Path | None = None) -> dict[str, 
                 "-m",
                 "benchmarks.ws_clients",
                 "--url",
-                f"ws://127.0.0.1:{mf.port}/ws/prices",
+                f"ws://127.0.0.1:{mf.port}/ws/prices" + (f"?candles={candles}" if candles else ""),
                 "--clients",
                 str(clients),
                 "--seconds",
@@ -79,7 +82,7 @@ def run(clients: int, seconds: float, profile: Path | None = None) -> dict[str, 
             spy = None
             if profile is not None:
                 profile.mkdir(parents=True, exist_ok=True)
-                out = profile / f"ws-{clients}-clients.txt"
+                out = profile / f"ws-{clients}-clients{'-candles' if candles else ''}.txt"
                 spy = py_spy_record(mf.proc.pid, out, max(1, seconds // 2), rate=100)
             time.sleep(seconds)
             if spy is not None:
@@ -104,6 +107,7 @@ def run(clients: int, seconds: float, profile: Path | None = None) -> dict[str, 
     return {
         **summary,
         "connected_at_start": connected["connected"],
+        "candles": candles,
         "rate": RATE,
         "marketflow_cpu_percent": round(cpu_percent),
         "marketflow_rss_mb": round(rss_after, 1),
@@ -119,12 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
+    parser.add_argument("--candles", default="", help="candle intervals every client follows")
     args = parser.parse_args(argv)
     if args.profile is not None and py_spy() is None:
         progress("ws: py-spy is not installed (make bench installs it); no profile")
         args.profile = None
     progress(f"ws: {args.clients} clients for {args.seconds} s at {RATE} updates/s")
-    emit("ws", f"{args.clients} clients", **run(args.clients, args.seconds, args.profile))
+    case = f"{args.clients} clients" + (f", candles {args.candles}" if args.candles else "")
+    bench = "ws-candles" if args.candles else "ws"
+    emit(bench, case, **run(args.clients, args.seconds, args.profile, args.candles))
     return 0
 
 

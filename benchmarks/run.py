@@ -212,11 +212,16 @@ def api_rows(records: list[Record]) -> list[Row]:
 def ws_rows(records: list[Record]) -> list[Row]:
     rows: list[Row] = []
     for r in records:
+        candles = r.get("candles")
+        what = f"all symbols, candles {candles}" if candles else "all symbols"
+        per_s = f"{n(r['frames_per_client_per_s'], 1)} prices"
+        if candles:
+            per_s += f" + {n(r.get('candle_frames_per_client_per_s'), 1)} candles"
         rows.append(
             (
-                f"WebSocket fan-out, {n(r['clients'])} clients (all symbols) at 10,000 updates/s: "
+                f"WebSocket fan-out, {n(r['clients'])} clients ({what}) at 10,000 updates/s: "
                 "longest gap between two frames of any client",
-                f"{n(r['max_gap_ms'])} ms ({n(r['frames_per_client_per_s'], 1)} frames/client/s, "
+                f"{n(r['max_gap_ms'])} ms ({per_s} frames/client/s, "
                 f"{r['clients_gap_over_250ms']} clients with a gap > 250 ms, "
                 f"{r['dropped']} dropped)",
                 "every client a frame at least every 250 ms",
@@ -340,6 +345,45 @@ def takeover_rows(records: list[Record]) -> list[Row]:
     return rows
 
 
+def candles_rows(records: list[Record]) -> list[Row]:
+    rows: list[Row] = []
+    targets = {"1h": 50.0, "1m": 20.0}
+    for r in records:
+        if "interval" in r:
+            need = targets.get(r["interval"]) if r["connections"] == 8 else None
+            rows.append(
+                (
+                    f"Candles `{r['interval']}` x 1000 over a year of minutes (one key), "
+                    f"{r['connections']} connections, every request its own range, while "
+                    f"ingesting {n(r['ingesting'])} updates/s",
+                    f"{n(r['requests_per_s'])} req/s; p50 {n(r['p50_ms'], 1)} ms, "
+                    f"p99 {n(r['p99_ms'], 1)} ms",
+                    "-" if need is None else f"p99 < {need:.0f} ms",
+                    met(None if need is None else r["p99_ms"] < need and r["non_2xx"] == 0),
+                )
+            )
+        elif r.get("server") == "bare":
+            rows.append(
+                (
+                    f"Ceiling: bare ASGI answering {n(r['body_bytes'])}-byte bodies (a thousand "
+                    f"candles), {r['connections']} connections",
+                    f"{n(r['requests_per_s'])} req/s (p99 {n(r['p99_ms'], 1)} ms)",
+                    "-",
+                    "-",
+                )
+            )
+        elif "lost" in r:
+            rows.append(
+                (
+                    "Ingest during the candle load (ticks folded = ticks sent)",
+                    f"{n(r['sent'] - r['lost'])} of {n(r['sent'])}",
+                    "no tick lost",
+                    met(r["lost"] == 0),
+                )
+            )
+    return rows
+
+
 def memory_rows(records: list[Record]) -> list[Row]:
     rows: list[Row] = []
     for r in records:
@@ -437,6 +481,20 @@ BENCHES: dict[str, Bench] = {
         "benchmarks.bench_ws",
         ["--clients", "1000", "--seconds", "20", "--profile", str(PROFILES)],
         ["--clients", "100", "--seconds", "3"],
+        600,
+        ws_rows,
+    ),
+    "candles": Bench(
+        "benchmarks.bench_candles",
+        ["--seconds", "10", "--connections", "8", "--profile", str(PROFILES)],
+        ["--seconds", "2", "--connections", "8"],
+        900,
+        candles_rows,
+    ),
+    "ws-candles": Bench(
+        "benchmarks.bench_ws",
+        ["--clients", "1000", "--seconds", "20", "--candles", "1m,1h"],
+        ["--clients", "100", "--seconds", "3", "--candles", "1m,1h"],
         600,
         ws_rows,
     ),
@@ -546,7 +604,7 @@ def render_profiles(results: dict[str, Any]) -> str:
     """Where marketflow's main thread spent its samples under each profiled load (py-spy)."""
     records = [
         (entry, r)
-        for name in ("api", "ws")
+        for name in ("api", "ws", "candles")
         if (entry := results.get(name))
         for r in entry["records"]
         if r["bench"].endswith("-profile") and r.get("samples")

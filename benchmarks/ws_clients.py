@@ -5,10 +5,10 @@
 
 Connects `--clients` clients (at most `--connect-concurrency` handshakes at a time), waits until
 every one has its snapshot, lets `--warmup` seconds pass, then measures for `--seconds`: per
-client the `prices` frames, the longest gap between two frames, and the age (now - timestamp)
-of every price in every frame. Prints one JSON line: `{"connected": N}` once all are connected,
-then the summary (`"clients"`, `"frames_per_client_per_s"`, gaps, lag percentiles, this
-process's CPU).
+client the `prices` and `candles` frames, the longest gap between two data frames (either
+kind), and the age (now - timestamp) of every price in every frame. Prints one JSON line:
+`{"connected": N}` once all are connected, then the summary (`"clients"`,
+`"frames_per_client_per_s"`, gaps, lag percentiles, this process's CPU).
 """
 
 from __future__ import annotations
@@ -56,10 +56,11 @@ class Lags:
 
 
 class Follower:
-    __slots__ = ("closed", "frames", "last", "max_gap_ms", "prices", "ready")
+    __slots__ = ("candle_frames", "closed", "frames", "last", "max_gap_ms", "prices", "ready")
 
     def __init__(self) -> None:
         self.frames = 0
+        self.candle_frames = 0
         self.prices = 0
         self.last: float | None = None
         self.max_gap_ms = 0.0
@@ -115,13 +116,17 @@ async def _read(
             return
         elif now >= window["start"]:
             frame = orjson.loads(message)
-            if frame["type"] == "prices":
-                me.frames += 1
-                me.prices += len(frame["data"])
+            kind = frame["type"]
+            if kind in ("prices", "candles"):
+                if kind == "prices":
+                    me.frames += 1
+                    me.prices += len(frame["data"])
+                    for price in frame["data"]:
+                        lags.add(now - price["timestamp"])
+                else:
+                    me.candle_frames += 1
                 if me.last is not None and me.last >= window["start"]:
                     me.max_gap_ms = max(me.max_gap_ms, now - me.last)
-                for price in frame["data"]:
-                    lags.add(now - price["timestamp"])
         me.last = now
 
 
@@ -167,6 +172,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         else 0,
         "min_frames_per_client_per_s": round(min(frames) / args.seconds, 2) if frames else 0,
         "prices_per_frame": round(sum(f.prices for f in measured) / max(1, sum(frames)), 1),
+        "candle_frames_per_client_per_s": round(
+            sum(f.candle_frames for f in measured) / max(1, len(measured)) / args.seconds, 2
+        ),
         "max_gap_ms": round(gaps[-1], 1) if gaps else None,
         "p99_client_max_gap_ms": round(gaps[int(0.99 * (len(gaps) - 1))], 1) if gaps else None,
         "clients_gap_over_250ms": sum(1 for g in gaps if g > 250),

@@ -1,20 +1,28 @@
-"""Fan-out of latest prices to WebSocket clients (contract: WebSocket).
+"""Fan-out of latest prices and live candles to WebSocket clients (contract: WebSocket).
 
-One hub task (`PriceHub.run`) wakes every `interval_s`, compares each key's latest price with
-what it last published (keys are few) and hands each client the changed keys it subscribes to.
-It never awaits a client: it only writes into the client's coalescing buffer, a dict key ->
-newest entry, which can never hold more entries than there are keys. Each client has its own
-sender task (`PriceHub.pump`) that empties that buffer into one `prices` frame at a time.
+One hub task (`PriceHub.run`) wakes every `interval_s` (or at once when a mirror applied an
+update: `poke`), compares each key's latest price with what it last published (keys are few),
+takes the candles that changed from its `CandleBook` (handed out at most once per
+`candle_interval_s`: a frame's cost is mostly per frame, and the prices already carry every
+tick's freshness), and hands each client the changes it subscribes to. It never awaits a
+client: it only writes into the client's coalescing buffers, dicts key -> newest entry, which
+can never hold more entries than there are keys (and open candles). Each client has its own
+sender task (`PriceHub.pump`) that empties those buffers into at most one `prices` and one
+`candles` frame per interval, and sends a `heartbeat` after `heartbeat_s` without any other
+frame.
 
-Frames are serialised once per subscription shape (same symbols, same exchanges) and shared by
-every client of that shape whose buffer was empty; a lagging client merges into a private copy
-and its sender serialises its own frame. A client whose buffer has waited for more than
-`max_lag_s` is dropped (close 1008); on shutdown every client is closed with 1001.
+Frames are serialised once per subscription shape (same symbols, exchanges and candle
+intervals) and shared by every client of that shape whose buffer was empty; a lagging client
+merges into a private copy and its sender serialises its own frame. Every frame leaves with the
+client's own `seq` spliced in front of the shared body (`with_seq`), never re-encoded. A client
+whose buffers have waited for more than `max_lag_s` is dropped (close 1008); on shutdown every
+client is closed with 1001.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -23,7 +31,10 @@ from typing import Any, Final
 import orjson
 import trio
 
+from marketflow.candles import INTERVALS
+from marketflow.live_candles import CandleBook, CandleKey, Pair
 from marketflow.models import Key
+from marketflow.ports import StoredMinutes
 from marketflow.state import MarketState
 
 log = logging.getLogger("marketflow.ws")
@@ -31,10 +42,13 @@ log = logging.getLogger("marketflow.ws")
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY: Final = 1008
 CONTROL_MAX: Final = 16  # queued snapshot/error frames per client before its reader waits
+HEARTBEAT_S: Final = 1.0  # a heartbeat after this long without another frame
+CANDLE_FRAME_MIN_S: Final = 0.5  # candles frames at most this often (and ws_min_interval_ms)
 
 Entry = dict[str, Any]  # {"symbol","exchange","price","timestamp"}: shared, never mutated
-Shape = tuple[frozenset[str] | None, frozenset[str] | None]
+Shape = tuple[frozenset[str] | None, frozenset[str] | None, frozenset[str]]
 SNAPSHOT: Final = None  # a control item: build a snapshot frame when it is sent
+NO_ID: Final[Any] = object()  # a client message without an "id"
 
 
 def entry(source: str, symbol: str, price: float, ts: int) -> Entry:
@@ -45,39 +59,68 @@ def frame(kind: str, data: Iterable[Entry]) -> str:
     return orjson.dumps({"type": kind, "data": list(data)}).decode()
 
 
-def error_frame(message: str) -> str:
-    return orjson.dumps({"type": "error", "error": message}).decode()
+def error_frame(message: str, id: Any = NO_ID) -> str:
+    """An `error` frame; `id` echoes the refused message's id when it had one."""
+    if id is NO_ID:
+        return orjson.dumps({"type": "error", "error": message}).decode()
+    return orjson.dumps({"type": "error", "id": id, "error": message}).decode()
+
+
+def with_seq(seq: int, body: str) -> str:
+    """`body` (a JSON object) with `"seq"` put first: the shared body is copied, not encoded."""
+    return f'{{"seq":{seq},{body[1:]}' if len(body) > 2 else f'{{"seq":{seq}}}'
 
 
 class Client:
     """One subscriber as the hub sees it: what it wants and what waits to be sent to it.
 
     `symbols` None means every configured symbol; `exchanges` None means the current mode's
-    sources, whatever the mode is when a price changes.
+    sources, whatever the mode is when a price changes; `candles` holds interval names.
     """
 
     __slots__ = (
         "_room",
         "_wake",
+        "candle_frame",
+        "candle_pairs",
+        "candles",
+        "candles_shared",
         "close_code",
         "close_reason",
         "closed",
         "control",
         "exchanges",
         "frame",
+        "heartbeat_due",
+        "last_sent",
         "pending",
+        "pending_candles",
         "pending_since",
+        "seq",
         "shared",
         "symbols",
     )
 
-    def __init__(self, symbols: frozenset[str] | None, exchanges: frozenset[str] | None) -> None:
+    def __init__(
+        self,
+        symbols: frozenset[str] | None,
+        exchanges: frozenset[str] | None,
+        candles: frozenset[str] = frozenset(),
+    ) -> None:
         self.symbols = symbols
         self.exchanges = exchanges
+        self.candles = candles
+        self.candle_pairs: set[Pair] = set()  # the (symbol, interval) pairs it holds in the book
         self.pending: dict[Key, Entry] = {}
         self.shared = False  # `pending` is the hub's dict, shared with other clients
         self.frame: str | None = None  # `pending` already serialised, if it is shared
+        self.pending_candles: dict[CandleKey, Entry] = {}
+        self.candles_shared = False
+        self.candle_frame: str | None = None
         self.pending_since: float | None = None  # when the oldest unsent item arrived
+        self.seq = 0  # the last frame's
+        self.last_sent = math.inf  # when its sender last sent a frame (Trio time)
+        self.heartbeat_due = False  # set by the hub after heartbeat_s without a frame
         self.control: deque[str | None] = deque()  # error frames and SNAPSHOT markers
         self.close_code: int | None = None
         self.close_reason = ""
@@ -87,11 +130,19 @@ class Client:
 
     @property
     def shape(self) -> Shape:
-        return (self.symbols, self.exchanges)
+        return (self.symbols, self.exchanges, self.candles)
 
     def wants(self, key: Key, current: frozenset[str]) -> bool:
         exchanges = current if self.exchanges is None else self.exchanges
         return key[0] in exchanges and (self.symbols is None or key[1] in self.symbols)
+
+    def wants_candle(self, key: CandleKey, current: frozenset[str]) -> bool:
+        source, symbol, interval, _ = key
+        if interval not in self.candles or (
+            self.symbols is not None and symbol not in self.symbols
+        ):
+            return False
+        return source == "all" or source in (current if self.exchanges is None else self.exchanges)
 
     def wake(self) -> None:
         if self._wake is not None:
@@ -110,10 +161,38 @@ class Client:
             self.pending_since = now
         self.wake()
 
+    def deliver_candles(
+        self, changes: dict[CandleKey, Entry], text: str | None, now: float
+    ) -> None:
+        """As `deliver`, for candles (the newest value of each candle wins)."""
+        if not self.pending_candles:
+            self.pending_candles, self.candles_shared, self.candle_frame = changes, True, text
+        else:
+            if self.candles_shared:
+                self.pending_candles, self.candles_shared = dict(self.pending_candles), False
+            self.pending_candles.update(changes)
+            self.candle_frame = None
+        if self.pending_since is None:
+            self.pending_since = now
+        self.wake()
+
     def take(self) -> tuple[dict[Key, Entry], str | None]:
         pending, text = self.pending, self.frame
         self.pending, self.shared, self.frame = {}, False, None
         return pending, text
+
+    def take_candles(self) -> tuple[dict[CandleKey, Entry], str | None]:
+        pending, text = self.pending_candles, self.candle_frame
+        self.pending_candles, self.candles_shared, self.candle_frame = {}, False, None
+        return pending, text
+
+    def before_snapshot(self) -> None:
+        """A snapshot is about to go out: it is newer than every buffered price and open candle;
+        buffered closings stay (a snapshot carries open candles only)."""
+        self.take()
+        if self.pending_candles:
+            closed = {k: e for k, e in self.pending_candles.items() if e["closed"]}
+            self.pending_candles, self.candles_shared, self.candle_frame = closed, False, None
 
     async def put_control(self, item: str | None, now: float) -> None:
         """Queue an error frame or a snapshot; waits while CONTROL_MAX are already queued, so
@@ -135,9 +214,14 @@ class Client:
             self._room = None
         return item
 
+    @property
+    def idle(self) -> bool:
+        return not (self.control or self.pending or self.pending_candles)
+
     async def wait(self) -> None:
-        """Until something is waiting to be sent, or the client is closed."""
-        while not (self.control or self.pending or self.close_code is not None):
+        """Until something is waiting to be sent, a heartbeat is due, or the client is
+        closed."""
+        while self.idle and not self.heartbeat_due and self.close_code is None:
             self._wake = trio.Event()
             await self._wake.wait()
         self._wake = None
@@ -159,15 +243,18 @@ class PriceHub:
         state: MarketState,
         current_sources: Callable[[], Sequence[str]],
         *,
+        stored: StoredMinutes,
         symbols: Sequence[str],
         all_sources: Sequence[str],
         interval_s: float,
         max_lag_s: float,
         fresh_ms: int | None = None,
+        grace_ms: int = 2000,
+        heartbeat_s: float | None = None,
+        candle_interval_s: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.fresh_ms = fresh_ms  # a latest price older than this is left out of snapshots
-        self.clock = clock
         self._wake = trio.Event()  # poked: the state changed (a mirror applied an update)
         self.state = state
         self.current_sources = current_sources
@@ -175,6 +262,16 @@ class PriceHub:
         self.all_sources = list(all_sources)
         self.interval_s = interval_s
         self.max_lag_s = max_lag_s
+        self.heartbeat_s = heartbeat_s  # None: no heartbeats
+        self.clock = clock  # wall time, for candle closings and heartbeat times
+        self.book = CandleBook(
+            state, stored, all_sources=all_sources, grace_ms=grace_ms, clock=clock
+        )
+        # Candle changes gather here and go out at most once per candle_interval_s (None: every
+        # step); the latest value of each candle wins.
+        self.candle_interval_s = interval_s if candle_interval_s is None else candle_interval_s
+        self._candle_backlog: dict[CandleKey, Entry] = {}
+        self._candles_at = -math.inf
         self.clients: set[Client] = set()
         self.published: dict[Key, tuple[int, float]] = {}
         self.running = False
@@ -184,9 +281,15 @@ class PriceHub:
 
     # --- clients -----------------------------------------------------------------------------
 
-    def add(self, symbols: frozenset[str] | None, exchanges: frozenset[str] | None) -> Client:
-        """Register a client with a snapshot queued as its first frame."""
-        client = Client(symbols, exchanges)
+    def add(
+        self,
+        symbols: frozenset[str] | None,
+        exchanges: frozenset[str] | None,
+        candles: frozenset[str] = frozenset(),
+    ) -> Client:
+        """Register a client with a snapshot queued as its first frame (the book already
+        follows its candle pairs: see `candle_pairs`)."""
+        client = Client(symbols, exchanges, candles)
         client.control.append(SNAPSHOT)
         if self.stopped:
             client.close(CLOSE_GOING_AWAY, "server shutting down")
@@ -215,8 +318,16 @@ class PriceHub:
         for client in list(self.clients):
             self.drop(client, code, reason)
 
+    def candle_pairs(self, symbols: frozenset[str] | None, candles: frozenset[str]) -> set[Pair]:
+        """The (symbol, interval) pairs the book follows for a subscription."""
+        if not candles:
+            return set()
+        names = self.symbols if symbols is None else symbols
+        return {(symbol, INTERVALS[name]) for symbol in names for name in candles}
+
     def snapshot(self, client: Client) -> str:
-        """A `snapshot` frame of every subscribed key that has a price, from state as it is."""
+        """A `snapshot` frame of every subscribed key that has a price, from state as it is,
+        plus the open candles of its candle subscription."""
         current = self.current_sources()
         sources = (
             current
@@ -236,7 +347,12 @@ class PriceHub:
             for symbol in symbols
             if (st := keys.get((source, symbol))) is not None and st.latest_ts >= max(oldest, 0)
         ]
-        return frame("snapshot", data)
+        if not client.candles:
+            return frame("snapshot", data)
+        intervals = [ms for name, ms in INTERVALS.items() if name in client.candles]
+        now_ms = int(self.clock() * 1000)
+        candles = self.book.snapshot(symbols, sources, intervals, current, now_ms)
+        return orjson.dumps({"type": "snapshot", "data": data, "candles": candles}).decode()
 
     # --- the hub task ------------------------------------------------------------------------
 
@@ -264,30 +380,60 @@ class PriceHub:
     def publish(self, now: float) -> int:
         """One hub step: deliver the changes to every client, then drop lagging clients.
 
-        Returns the number of changed keys. Never awaits, so no client can slow it down.
+        Returns the number of changed keys. Never awaits, so no client can slow it down. The
+        work per client is constant; filtering the changes is done once per subscription shape.
         """
         changed = self.changes()
-        if changed and self.clients:
-            current = frozenset(self.current_sources())
+        current_list = self.current_sources()
+        candles = self.book.step(int(self.clock() * 1000), current_list)
+        if candles or self._candle_backlog:
+            self._candle_backlog.update(candles)
+            if now >= self._candles_at - 1e-9:  # a step may start a hair early
+                candles, self._candle_backlog = self._candle_backlog, {}
+                self._candles_at = now + self.candle_interval_s
+            else:
+                candles = {}
+        if (changed or candles) and self.clients:
+            current = frozenset(current_list)
             by_shape: dict[Shape, list[Client]] = {}
             for client in self.clients:
                 by_shape.setdefault(client.shape, []).append(client)
             for clients in by_shape.values():
-                wants = clients[0].wants
-                mine = {key: e for key, e in changed.items() if wants(key, current)}
-                if not mine:
+                first = clients[0]
+                mine = {key: e for key, e in changed.items() if first.wants(key, current)}
+                if mine:
+                    text: str | None = None
+                    for client in clients:
+                        if text is None and not client.pending:
+                            text = frame("prices", mine.values())
+                            self.frames_serialised += 1
+                        client.deliver(mine, text, now)
+                if not candles or not first.candles:
                     continue
-                text: str | None = None
-                for client in clients:
-                    if text is None and not client.pending:
-                        text = frame("prices", mine.values())
-                        self.frames_serialised += 1
-                    client.deliver(mine, text, now)
-        self.drop_lagging(now)
+                ours = {k: e for k, e in candles.items() if first.wants_candle(k, current)}
+                if ours:
+                    text = None
+                    for client in clients:
+                        if text is None and not client.pending_candles:
+                            text = frame("candles", ours.values())
+                            self.frames_serialised += 1
+                        client.deliver_candles(ours, text, now)
+        self.check_clients(now)
         return len(changed)
 
-    def drop_lagging(self, now: float) -> None:
+    def check_clients(self, now: float) -> None:
+        """Drop lagging clients; wake the senders of those due a heartbeat (one pass over the
+        clients per step, instead of a timer per client)."""
+        heartbeat = self.heartbeat_s
         for client in list(self.clients):
+            if (
+                heartbeat is not None
+                and not client.heartbeat_due
+                and now - client.last_sent >= heartbeat
+                and client.idle
+            ):
+                client.heartbeat_due = True
+                client.wake()
             since = client.pending_since
             if since is not None and now - since > self.max_lag_s:
                 log.warning(
@@ -302,12 +448,12 @@ class PriceHub:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Publish every `interval_s` until `stopping` is set or `close_all()` is called; on
-        `stopping`, close every client with 1001.
+        """Publish every `interval_s` (sooner when poked) until `stopping` is set or
+        `close_all()` is called; on `stopping`, close every client with 1001. Also runs the
+        book's `keep_exact`.
 
-        Runs in the service's (or the ASGI lifespan's) nursery; cancelling it just stops the
-        publishing. Publishing starts are at least `interval_s` apart, so no client gets more
-        than one `prices` frame per interval.
+        Runs in the node's nursery; cancelling it just stops the publishing. Each client's
+        sender paces its frames, so no client gets more than one `prices` frame per interval.
         """
         if self.running:
             task_status.started()
@@ -316,6 +462,7 @@ class PriceHub:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._close_on, stopping)
+                nursery.start_soon(self.book.keep_exact)
                 self.mark_published()
                 task_status.started()
                 while not self.stopped:
@@ -335,35 +482,49 @@ class PriceHub:
     # --- one client's sender -----------------------------------------------------------------
 
     async def pump(self, client: Client, send: Callable[[str], Awaitable[None]]) -> None:
-        """Send `client`'s frames until it is closed: queued snapshots and errors first, then
-        at most one `prices` frame per `interval_s`. Owned by the client's connection handler;
-        `send` may block (a slow network) without affecting anyone else."""
-        last_prices = -self.interval_s
+        """Send `client`'s frames until it is closed: queued snapshots and answers first, then
+        at most one `prices` and one `candles` frame per `interval_s`, and a `heartbeat` after
+        `heartbeat_s` without any other frame. Every frame carries the client's next `seq`.
+        Owned by the client's connection handler; `send` may block (a slow network) without
+        affecting anyone else."""
+        last_data = -self.interval_s
+
+        async def send_frame(body: str) -> None:
+            client.seq += 1
+            client.heartbeat_due = False
+            await send(with_seq(client.seq, body))
+            client.last_sent = trio.current_time()
+
+        client.last_sent = trio.current_time()
         while True:
             await client.wait()
             if client.close_code is not None:
                 return
+            if client.idle:  # woken for a heartbeat only
+                time_ms = int(self.clock() * 1000)
+                await send_frame(f'{{"type":"heartbeat","time":{time_ms}}}')
+                continue
             while client.control:
                 item = client.pop_control()
                 if item is SNAPSHOT:
-                    client.take()  # the snapshot is newer than anything buffered
+                    client.before_snapshot()
                     item = self.snapshot(client)
-                if not client.control and not client.pending:
+                if client.idle:
                     client.pending_since = None
-                await send(item)
+                await send_frame(item)
                 if client.close_code is not None:
                     return
-            if not client.pending:
+            if not (client.pending or client.pending_candles):
                 continue
-            delay = last_prices + self.interval_s - trio.current_time()
+            delay = last_data + self.interval_s - trio.current_time()
             if delay > 0:
                 await trio.sleep(delay)
             pending, text = client.take()
-            if not pending:
-                continue
+            pending_candles, candle_text = client.take_candles()
             if not client.control:
                 client.pending_since = None
-            if text is None:
-                text = frame("prices", pending.values())
-            last_prices = trio.current_time()
-            await send(text)
+            last_data = trio.current_time()
+            if pending:
+                await send_frame(text or frame("prices", pending.values()))
+            if pending_candles and client.close_code is None:
+                await send_frame(candle_text or frame("candles", pending_candles.values()))

@@ -1,23 +1,24 @@
 """Stored minutes for the read path: the aggregate store behind one async, shared front.
 
-`MinuteReader` satisfies `ports.StoredMinutes`. It owns the API's own PostgreSQL connection (so
-queries never wait behind a batch write), a limiter of one thread at a time on it, and a
+`MinuteReader` satisfies `ports.StoredMinutes`. It owns the API's own PostgreSQL connections (so
+queries never wait behind a batch write), a limiter of one thread per connection, and a
 single-flight cache: the minutes these reads cover are older than anything the market state
 holds, so they change only when a journal replay commits, and 64 clients asking for
-`?period=1d` share one read instead of queueing 64 behind one connection.
+`?period=1d` share one read instead of queueing 64 behind one connection. Candle reads (a
+thousand candles each, seldom asked twice) are shared while in flight only.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Final
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any, Final
 
 import trio
 
 from marketflow.health import StoreHealth, describe
 from marketflow.logs import rate_limited
-from marketflow.models import Key, MinuteRow, RangeStats, StoreRange
+from marketflow.models import Bucket, Key, MinuteRow, RangeStats, StoreCandles, StoreRange
 from marketflow.ports import AggregateStore
 from marketflow.queries import QueryError, rfc3339
 
@@ -32,10 +33,22 @@ UNAVAILABLE: Final = (
 )
 
 Answer = list[RangeStats | None]
+Candles = list[list[tuple[int, Bucket]]]
+
+
+class _Flight:
+    """One read in progress; its waiters take its answer when `done` is set (if it got one)."""
+
+    __slots__ = ("answer", "done", "ok")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.ok = False
+        self.answer: Any = None
 
 
 class MinuteReader:
-    """Async range reads on the aggregate store, shared by identical concurrent requests."""
+    """Async reads on the aggregate store, shared by identical concurrent requests."""
 
     def __init__(
         self,
@@ -43,6 +56,7 @@ class MinuteReader:
         health: StoreHealth,
         *,
         unwritten_from: Callable[[Key], int | None] = lambda key: None,
+        connections: int = 1,
         ttl_s: float = 1.0,
         max_entries: int = 256,
     ) -> None:
@@ -51,17 +65,53 @@ class MinuteReader:
         # The oldest minute (ms) accepted but not yet committed (another instance's journal, or
         # this one's): a range reaching it would silently miss that minute, so it is a 503.
         self.unwritten_from = unwritten_from
-        self.limiter = trio.CapacityLimiter(1)  # one connection: one thread at a time
+        # One thread per connection `store` reads through (a `StorePool` has several).
+        self.limiter = trio.CapacityLimiter(connections)
         self.ttl_s = ttl_s
         self.max_entries = max_entries
-        self._answers: dict[tuple[StoreRange, ...], tuple[float, Answer]] = {}
-        self._inflight: dict[tuple[StoreRange, ...], trio.Event] = {}
+        self._answers: dict[Hashable, tuple[float, Any]] = {}  # oldest first
+        self._inflight: dict[Hashable, _Flight] = {}
 
     async def range_stats(self, ranges: Sequence[StoreRange]) -> Answer:
         """Stats of each range, in order, in one thread hop; 503 when the store cannot answer.
 
         Concurrent identical requests wait for one read; its answer serves for `ttl_s`.
         """
+        self._check_ranges(ranges)
+        store = self.store
+
+        def read() -> Answer:
+            return [store.range_stats(r.source, r.symbol, r.from_ms, r.to_ms) for r in ranges]
+
+        answer: Answer = await self._shared(("stats", *ranges), lambda: self._read(read))
+        return answer
+
+    async def candles(self, reads: Sequence[StoreCandles]) -> Candles:
+        """Each read's candles, in order, in one thread hop; 503 when the store cannot answer.
+        Identical concurrent requests share one read; answers are not kept (see module)."""
+        self._check_ranges([r.range for r in reads])
+        store = self.store
+
+        def read() -> Candles:
+            return [
+                store.candles(
+                    r.range.source,
+                    r.range.symbol,
+                    r.interval_ms,
+                    r.range.from_ms,
+                    r.range.to_ms,
+                    r.limit,
+                    r.newest_first,
+                )
+                for r in reads
+            ]
+
+        answer: Candles = await self._shared(
+            ("candles", *reads), lambda: self._read(read), keep=False
+        )
+        return answer
+
+    def _check_ranges(self, ranges: Sequence[StoreRange]) -> None:
         self._check_up()
         for r in ranges:
             unwritten = self.unwritten_from((r.source, r.symbol))
@@ -71,46 +121,59 @@ class MinuteReader:
                     f"minutes from {rfc3339(unwritten)} are not yet committed to PostgreSQL "
                     "(it was unreachable); try again shortly or ask for a shorter period",
                 )
-        key = tuple(ranges)
+
+    async def _shared(
+        self, key: Hashable, read: Callable[[], Awaitable[Any]], *, keep: bool = True
+    ) -> Any:
+        """`await read()`, or the answer of an identical read (same `key`) in flight, or done
+        within `ttl_s` (`keep=False`: in flight only)."""
         while True:
             cached = self._answers.get(key)
             if cached is not None and trio.current_time() - cached[0] < self.ttl_s:
                 return cached[1]
-            pending = self._inflight.get(key)
-            if pending is None:
+            flight = self._inflight.get(key)
+            if flight is None:
                 break
-            await pending.wait()  # then read the answer it left, or try ourselves if it failed
-        done = self._inflight[key] = trio.Event()
+            await flight.done.wait()
+            if flight.ok:
+                return flight.answer
+            # it failed: try ourselves
+        flight = self._inflight[key] = _Flight()
         try:
-            answer = await self._read(ranges)
-            if len(self._answers) >= self.max_entries:
-                self._answers.clear()
-            self._answers[key] = (trio.current_time(), answer)
+            flight.answer = answer = await read()
+            flight.ok = True
+            if keep:
+                self._keep(key, answer)
             return answer
         finally:
             del self._inflight[key]
-            done.set()
+            flight.done.set()
+
+    def _keep(self, key: Hashable, answer: Any) -> None:
+        """Keep `answer` for `ttl_s`. Expired answers leave one by one as new ones arrive (the
+        dict stays in time order), so neither memory nor a pause to free them grows with the
+        request rate."""
+        now = trio.current_time()
+        answers = self._answers
+        answers.pop(key, None)  # re-inserted last
+        for oldest in list(answers):
+            if now - answers[oldest][0] < self.ttl_s and len(answers) < self.max_entries:
+                break
+            del answers[oldest]
+        answers[key] = (now, answer)
 
     def _check_up(self) -> None:
         if self.health.checked and not self.health.up:
             raise QueryError(503, UNAVAILABLE)
 
-    async def _read(self, ranges: Sequence[StoreRange]) -> Answer:
+    async def _read[T](self, read: Callable[[], T]) -> T:
         self._check_up()
-        store = self.store
-
-        def read() -> Answer:
-            return [store.range_stats(r.source, r.symbol, r.from_ms, r.to_ms) for r in ranges]
-
         with trio.move_on_after(QUERY_TIMEOUT_S) as scope:
             try:
                 return await trio.to_thread.run_sync(read, limiter=self.limiter)
             except Exception as exc:
                 if rate_limited("queries.postgres_failed", 10.0):
-                    log.warning(
-                        "statistics query failed on postgres",
-                        extra={"ctx": {"error": describe(exc)}},
-                    )
+                    log.warning("query failed on postgres", extra={"ctx": {"error": describe(exc)}})
                 raise QueryError(
                     503,
                     f"PostgreSQL query failed ({type(exc).__name__}) and memory does not hold "

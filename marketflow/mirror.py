@@ -8,6 +8,12 @@ and the buckets below the horizon dropped. A gap in an instance's `seq`, a `resy
 a lost connection makes the mirror read everything again. `queries` answers from it exactly as
 from the ingesting state.
 
+The live candles (`live_candles.CandleBook`) follow it as they follow an ingesting state: a
+bucket applied is a second changed (`KeyState.live_dirty`); a horizon raised never drops a
+second whose change the book has not taken yet (the minutes holding it stay, and the horizon
+follows the owner's at a later update); a full read marks everything changed and tells the book
+(`on_reload`), whose copies of what fell below the horizon may lack ticks it never saw.
+
 It also follows each ingesting instance's `status:{INSTANCE}` (every second), for /health and
 for the oldest minute not yet committed to PostgreSQL anywhere.
 """
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 import orjson
@@ -28,7 +34,7 @@ from marketflow.live import KeyMeta, Update, decode_update
 from marketflow.logs import rate_limited
 from marketflow.models import COUNT, Bucket, Key, LatestPrice, Mode
 from marketflow.ports import LiveStore
-from marketflow.state import MarketState
+from marketflow.state import KeyState, MarketState
 
 log = logging.getLogger("marketflow.mirror")
 
@@ -49,6 +55,7 @@ class Mirror:
         *,
         mode: Mode,
         on_change: Callable[[], None] = lambda: None,
+        on_reload: Callable[[Iterable[Key]], None] = lambda keys: None,
     ) -> None:
         self.state = state
         self.store = store
@@ -56,6 +63,10 @@ class Mirror:
         self.keys = list(keys)
         self.mode = mode
         self.on_change = on_change
+        self.on_reload = on_reload  # after a full read, with the keys it replaced
+        # Keys whose horizon waits below their owner's (the live candles had not taken every
+        # second below it yet): the owner's horizon, applied at a later update.
+        self._held_back: dict[Key, int] = {}
         self.current = False  # subscribed and read: answers are as fresh as the ingest's
         self.limiter = trio.CapacityLimiter(1)
         self.statuses: dict[str, tuple[float, dict[str, Any]]] = {}  # instance -> (seen, body)
@@ -153,11 +164,15 @@ class Mirror:
         metas: dict[Key, KeyMeta],
     ) -> None:
         """The state becomes exactly what was read (pure). Keys this process owns (it ingests
-        their source, role `all`) are left alone."""
+        their source, role `all`) are left alone. Keys the live candles follow get every second
+        and resumed minute, before and after, marked changed, and are passed to `on_reload`."""
+        reloaded: list[Key] = []
         for key in self.keys:
             st = self.state.key(*key)
             if st.owned:
                 continue
+            self._held_back.pop(key, None)
+            before = _held_seconds(st) if st.live_dirty is not None else None
             meta = metas.get(key)
             st.horizon_s = meta.horizon_ms // 1000 if meta is not None else 0
             st.minute_base = (
@@ -166,6 +181,11 @@ class Mirror:
             st.buckets = {sec: b for sec, b in windows.get(key, []) if sec >= st.horizon_s}
             found = latest.get(key)
             st.latest_price, st.latest_ts = (found.price, found.ts) if found else (0.0, -1)
+            if st.live_dirty is not None and before is not None:
+                st.live_dirty |= before | _held_seconds(st)
+                reloaded.append(key)
+        if reloaded:
+            self.on_reload(reloaded)
 
     def apply_messages(self, raw: list[bytes]) -> bool:
         """Merge `updates` messages in order; True when the mirror must read everything again
@@ -181,6 +201,12 @@ class Mirror:
                 resync = True
             self._last_seq[update.instance] = update.seq
             self.apply(update)
+        for key, horizon_s in list(self._held_back.items()):
+            st = self.state.keys[key]
+            if st.owned:  # ingested here now: its own prune decides
+                del self._held_back[key]
+            else:
+                self._set_horizon(key, st, horizon_s, st.minute_base)
         self.on_change()
         return resync
 
@@ -200,16 +226,42 @@ class Mirror:
             held = st.buckets.get(second)
             if held is None or bucket[COUNT] >= held[COUNT]:
                 st.buckets[second] = bucket
+                if st.live_dirty is not None:
+                    st.live_dirty.add(second)
         for meta in update.meta:
-            st = state.key(meta.source, meta.symbol)
+            key = (meta.source, meta.symbol)
+            st = state.key(*key)
             if st.owned:
                 continue
-            horizon_s = meta.horizon_ms // 1000
-            st.minute_base = {minute // 60_000: b for minute, b in meta.bases}
-            if horizon_s > st.horizon_s:
-                for second in [s for s in st.buckets if s < horizon_s]:
-                    del st.buckets[second]
-            st.horizon_s = horizon_s
+            bases = {minute // 60_000: b for minute, b in meta.bases}
+            self._set_horizon(key, st, meta.horizon_ms // 1000, bases)
+
+    def _set_horizon(
+        self, key: Key, st: KeyState, horizon_s: int, bases: dict[int, Bucket]
+    ) -> None:
+        """The owner's horizon and resumed rows; seconds below the horizon are dropped — but
+        never one whose change the live candles have not taken: then the minutes from it stay
+        held (with their resumed rows) and the horizon waits (`_held_back`)."""
+        cutoff = horizon_s
+        if st.live_dirty:  # held where it is at most: never lowered for the book
+            guard = min(st.live_dirty) // 60 * 60
+            cutoff = max(min(horizon_s, guard), min(horizon_s, st.horizon_s))
+        if cutoff < horizon_s:
+            self._held_back[key] = horizon_s
+        else:
+            self._held_back.pop(key, None)
+        first = cutoff // 60
+        kept = {m: b for m, b in st.minute_base.items() if first <= m < horizon_s // 60}
+        new_bases = {**kept, **{m: b for m, b in bases.items() if m >= first}}
+        if st.live_dirty is not None:
+            for m in set(st.minute_base) | set(new_bases):
+                if m >= first and st.minute_base.get(m) != new_bases.get(m):
+                    st.live_dirty.add(m * 60)
+        st.minute_base = new_bases
+        if cutoff > st.horizon_s:
+            for second in [s for s in st.buckets if s < cutoff]:
+                del st.buckets[second]
+        st.horizon_s = cutoff
 
     async def _follow_statuses(self) -> None:
         while True:
@@ -231,3 +283,9 @@ class Mirror:
                 ]:
                     del self.statuses[instance]
             await trio.sleep(STATUS_POLL_S)
+
+
+def _held_seconds(st: KeyState) -> set[int]:
+    """Every second `st` holds ticks of: its buckets, and the first second of each resumed
+    minute (a mark for the minute)."""
+    return set(st.buckets) | {m * 60 for m in st.minute_base}

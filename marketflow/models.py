@@ -197,6 +197,17 @@ class StoreRange:
     to_ms: int
 
 
+@attrs.frozen
+class StoreCandles:
+    """One stored-candles read: one key's minutes in `range` grouped into candles of
+    `interval_ms`; the first `limit` of them, or the last `limit` when `newest_first`."""
+
+    range: StoreRange
+    interval_ms: int
+    limit: int
+    newest_first: bool
+
+
 @attrs.define
 class SourceStats:
     """Live counters of one source, read by /health and /metrics."""

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import trio
 
 from marketflow import __version__
-from marketflow.broadcast import PriceHub
+from marketflow.broadcast import CANDLE_FRAME_MIN_S, HEARTBEAT_S, PriceHub
 from marketflow.config import Config
 from marketflow.coordination import request_mode
 from marketflow.health import StoreHealth, describe, probe_store, source_json
@@ -99,15 +99,20 @@ class Node:
         self._hub = PriceHub(
             state,
             self.sources,
+            stored=minutes,
             symbols=app.symbols,
             all_sources=config.all_sources,
             interval_s=app.ws_min_interval_ms / 1000,
             max_lag_s=app.ws_max_lag_s,
             fresh_ms=app.redis_ttl_seconds * 1000,
+            grace_ms=app.grace_ms,
+            heartbeat_s=HEARTBEAT_S,
+            candle_interval_s=max(app.ws_min_interval_ms / 1000, CANDLE_FRAME_MIN_S),
             clock=clock,
         )
         if mirror is not None:
             mirror.on_change = self._hub.poke
+            mirror.on_reload = self._hub.book.reload
         self._stopping = trio.Event()
         self.finished = trio.Event()
         self.started_at = time.monotonic()

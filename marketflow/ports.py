@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 
 from marketflow.live import KeyMeta
-from marketflow.models import Bucket, Key, LatestPrice, MinuteRow, Mode, RangeStats, StoreRange
+from marketflow.models import (
+    Bucket,
+    Key,
+    LatestPrice,
+    MinuteRow,
+    Mode,
+    RangeStats,
+    StoreCandles,
+    StoreRange,
+)
 
 if TYPE_CHECKING:
     import trio
@@ -147,6 +156,22 @@ class AggregateStore(Protocol):
         """The newest stored minute of one key."""
         ...
 
+    def candles(
+        self,
+        exchange: str,
+        symbol: str,
+        interval_ms: int,
+        from_ms: int | None,
+        to_ms: int,
+        limit: int,
+        newest_first: bool,
+    ) -> list[tuple[int, Bucket]]:
+        """Candles of `interval_ms` (whole minutes; aligned to UTC, weeks from Monday) over the
+        minutes in [from_ms, to_ms) (None: open), each as (start ms, bucket with the first and
+        last tick times), oldest first: the first `limit` of them, or the last when
+        `newest_first`. An interval without rows has no candle."""
+        ...
+
     def ping(self) -> float:
         """Round-trip time in ms; raises on failure."""
         ...
@@ -187,6 +212,12 @@ class StoredMinutes(Protocol):
     """
 
     async def range_stats(self, ranges: Sequence[StoreRange]) -> list[RangeStats | None]: ...
+
+    async def candles(self, reads: Sequence[StoreCandles]) -> list[list[tuple[int, Bucket]]]:
+        """Each read's candles (start ms, bucket), oldest first, in one thread hop. Answers are
+        shared only while in flight (a thousand candles each: seldom asked twice); callers
+        never mutate them."""
+        ...
 
     async def latest_rows(self, keys: Sequence[Key]) -> dict[Key, MinuteRow]:
         """Each key's newest stored minute (the fallback's latest price)."""

@@ -44,7 +44,7 @@ class QueryError(Exception):
         self.message = message
 
 
-def _echo(text: str) -> str:
+def echo(text: str) -> str:
     """A refused input, shortened and quoted, safe to put in an error message or a log line.
 
     Bounded after quoting too: repr() writes a control or astral character as up to ten
@@ -84,7 +84,7 @@ class Catalog:
         if raw in self.symbols:
             return raw
         if not SYMBOL_RE.fullmatch(raw):
-            raise QueryError(400, f"bad symbol {_echo(raw)}: expected 2-20 letters or digits")
+            raise QueryError(400, f"bad symbol {echo(raw)}: expected 2-20 letters or digits")
         symbol = raw.upper()
         if symbol not in self.symbols:
             raise QueryError(404, f"unknown symbol {symbol}")
@@ -95,7 +95,7 @@ class Catalog:
         if raw in self.sources:
             return raw
         if not SOURCE_NAME_RE.fullmatch(raw):
-            raise QueryError(400, f"bad exchange {_echo(raw)}: expected 1-32 of A-Z a-z 0-9 _ -")
+            raise QueryError(400, f"bad exchange {echo(raw)}: expected 1-32 of A-Z a-z 0-9 _ -")
         raise QueryError(404, f"unknown exchange {raw}")
 
     def period(self, values: Sequence[str]) -> Period:
@@ -112,14 +112,14 @@ class Catalog:
         if seconds is None:
             raise QueryError(
                 400,
-                f"period {_echo(text)}: expected whole numbers with units s, m, h or d, "
+                f"period {echo(text)}: expected whole numbers with units s, m, h or d, "
                 "each unit at most once (30s, 5m, 1h30m, 7d)",
             )
         if seconds <= 0:
-            raise QueryError(400, f"period {_echo(text)}: must be greater than zero")
+            raise QueryError(400, f"period {echo(text)}: must be greater than zero")
         if seconds > self.max_period_s:
             raise QueryError(
-                400, f"period {_echo(text)}: longer than the maximum ({self.max_period_text})"
+                400, f"period {echo(text)}: longer than the maximum ({self.max_period_text})"
             )
         return Period(text, seconds)
 
@@ -236,6 +236,26 @@ async def latest_fallback(
 # --- statistics --------------------------------------------------------------------------------
 
 
+def minute_sources(
+    state: MarketState, key: Key, lo: int | None, hi: int
+) -> tuple[int | None, StoreRange | None]:
+    """Where `key`'s minutes lo..hi (inclusive; lo None: all history) come from: memory from the
+    returned minute on (None: memory holds none of them), and every older one from the returned
+    store range (None: memory covers the whole range), so a minute is never read from both."""
+    first = state.held_from_minute(key)
+    st = state.keys.get(key)
+    held_from = first if first is not None and first <= hi else None
+    boundary = hi + 1 if first is None else min(first, hi + 1)
+    # A horizon of 0 means this key never pruned nor restored: what lies before its first
+    # held minute (an earlier run) is unknown, so PostgreSQL is asked.
+    covered = lo is not None and st is not None and st.horizon_s > 0 and st.horizon_s // 60 <= lo
+    if covered or (lo is not None and lo >= boundary):
+        return held_from, None
+    return held_from, StoreRange(
+        key[0], key[1], None if lo is None else lo * 60_000, boundary * 60_000
+    )
+
+
 def split_minutes(
     state: MarketState, keys: Sequence[Key], plan: Plan
 ) -> tuple[list[RangeStats | None], list[StoreRange]]:
@@ -247,20 +267,13 @@ def split_minutes(
     held: list[RangeStats | None] = []
     ranges: list[StoreRange] = []
     for key in keys:
-        first = state.held_from_minute(key)
-        st = state.keys.get(key)
-        if first is not None and first <= hi:
-            held.append(state.minute_stats(key, first if lo is None else max(first, lo), hi))
-        boundary = hi + 1 if first is None else min(first, hi + 1)
-        # A horizon of 0 means this key never pruned nor restored: what lies before its first
-        # held minute (an earlier run) is unknown, so PostgreSQL is asked.
-        covered = (
-            lo is not None and st is not None and st.horizon_s > 0 and st.horizon_s // 60 <= lo
-        )
-        if not covered and (lo is None or lo < boundary):
-            ranges.append(
-                StoreRange(key[0], key[1], None if lo is None else lo * 60_000, boundary * 60_000)
+        held_from, store_range = minute_sources(state, key, lo, hi)
+        if held_from is not None:
+            held.append(
+                state.minute_stats(key, held_from if lo is None else max(held_from, lo), hi)
             )
+        if store_range is not None:
+            ranges.append(store_range)
     return held, ranges
 
 

@@ -40,6 +40,7 @@ class KeyState:
         "latest_dirty",
         "latest_price",
         "latest_ts",
+        "live_dirty",
         "meta_dirty",
         "minute_base",
         "minutes_dirty",
@@ -61,6 +62,8 @@ class KeyState:
         self.minute_base: dict[int, Bucket] = {}
         self.redis_dirty: set[int] = set()
         self.minutes_dirty: set[int] = set()
+        # Seconds changed since the live candles last looked; None while nobody follows them.
+        self.live_dirty: set[int] | None = None
         self.horizon_s = 0
         self.meta_dirty = False  # horizon or resumed rows changed since the last flush
         # Ingested (and so flushed, written, pruned) by this process; False for a key mirrored
@@ -75,6 +78,7 @@ class KeyState:
         buckets = self.buckets
         redis_dirty = self.redis_dirty
         minutes_dirty = self.minutes_dirty
+        live_dirty = self.live_dirty
         horizon = self.horizon_s
         latest_price, latest_ts = self.latest_price, self.latest_ts
         held: set[int] | None = None
@@ -96,6 +100,8 @@ class KeyState:
                 last_sec = sec
                 redis_dirty.add(sec)
                 minutes_dirty.add(sec // 60)
+                if live_dirty is not None:
+                    live_dirty.add(sec)
                 if got is None:
                     buckets[sec] = b = [1, price, price, price, price, price, ts, ts]
                     if ts >= latest_ts:
@@ -146,10 +152,13 @@ class KeyState:
         return sorted({s // 60 for s in self.buckets} | set(self.minute_base))
 
     def prune(self, keep_from_s: int) -> None:
-        """Forget whole minutes that end before `keep_from_s` and are written."""
+        """Forget whole minutes that end before `keep_from_s`, are written, and whose changes
+        the live candles have seen."""
         cutoff_minute = keep_from_s // 60
         if self.minutes_dirty:
             cutoff_minute = min(cutoff_minute, min(self.minutes_dirty))
+        if self.live_dirty:
+            cutoff_minute = min(cutoff_minute, min(self.live_dirty) // 60)
         cutoff_s = cutoff_minute * 60
         if cutoff_s <= self.horizon_s:
             return
@@ -285,7 +294,7 @@ class MarketState:
             (key[0], sec * 1000, b)
             for key in keys
             if (st := self.keys.get(key)) is not None
-            for sec, b in _seconds_in(st.buckets, from_s, to_s)
+            for sec, b in seconds_in(st.buckets, from_s, to_s)
         )
 
     def minute_stats(self, key: Key, from_minute: int, to_minute: int) -> RangeStats | None:
@@ -308,7 +317,7 @@ class MarketState:
         return held[0] if held else None
 
 
-def _seconds_in(buckets: dict[int, Bucket], from_s: int, to_s: int) -> Iterator[tuple[int, Bucket]]:
+def seconds_in(buckets: dict[int, Bucket], from_s: int, to_s: int) -> Iterator[tuple[int, Bucket]]:
     """The held buckets of seconds from_s..to_s: look up the range when it is the smaller side
     (a 1-minute question over a 5-minute window), else filter what is held."""
     if to_s - from_s + 1 < len(buckets):

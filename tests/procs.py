@@ -394,7 +394,8 @@ class ScriptedFeed:
         for client in clients:
             try:
                 client.sendall(data)
-            except OSError:
+            except OSError:  # that process went away: close our end (no socket left to the GC)
+                client.close()
                 with self._lock:
                     self.clients.remove(client)
 

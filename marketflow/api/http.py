@@ -67,10 +67,13 @@ class Request:
 
     def query(self, name: str) -> list[str]:
         """Every value of query parameter `name` (blank values kept: `?period` is `[""]`)."""
+        return self.queries().get(name, []) if self.query_string else []
+
+    def queries(self) -> dict[str, list[str]]:
+        """Every query parameter with every value (for a handler that reads several)."""
         if not self.query_string:
-            return []
-        parsed = parse_qs(self.query_string.decode("latin-1"), keep_blank_values=True)
-        return parsed.get(name, [])
+            return {}
+        return parse_qs(self.query_string.decode("latin-1"), keep_blank_values=True)
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:

@@ -16,6 +16,7 @@ import orjson
 
 from marketflow import dashboard, queries
 from marketflow.api.http import HttpError, Reply, Request, Route, json_reply
+from marketflow.candles import candle_answer, parse_candle_query
 from marketflow.config import Config
 from marketflow.logs import bind
 from marketflow.models import Mode
@@ -51,6 +52,7 @@ def build_routes(config: Config, ref: NodeRef) -> list[Route]:
     """Every HTTP route of the API."""
     catalog = Catalog(config)
     window_seconds = config.app.window_seconds
+    grace_ms = config.app.grace_ms
     admin = f"Bearer {config.http.admin_token}".encode() if config.http.admin_token else None
     document = openapi_document()
 
@@ -93,6 +95,33 @@ def build_routes(config: Config, ref: NodeRef) -> list[Route]:
             f"/prices/{stat}/{{exchange}}/{{symbol}}"
             if one_source
             else f"/prices/{stat}/{{symbol}}"
+        )
+        return Route("GET", pattern, handler)
+
+    def candles(*, one_source: bool) -> Route:
+        async def handler(req: Request) -> Reply:
+            source = catalog.source(req.params[0]) if one_source else None
+            symbol = catalog.symbol(req.params[-1])
+            values = req.queries()
+            query = parse_candle_query(lambda name: values.get(name, []))
+            view = ref.ready().view
+            body = await candle_answer(
+                view,
+                symbol=symbol,
+                sources=view.sources() if source is None else [source],
+                exchange_label=source or "all",
+                interval=query.interval,
+                start=query.start,
+                end=query.end,
+                limit=query.limit,
+                now=view.now(),
+                window_seconds=window_seconds,
+                grace_ms=grace_ms,
+            )
+            return json_reply(body)
+
+        pattern = (
+            "/prices/candles/{exchange}/{symbol}" if one_source else "/prices/candles/{symbol}"
         )
         return Route("GET", pattern, handler)
 
@@ -159,6 +188,8 @@ def build_routes(config: Config, ref: NodeRef) -> list[Route]:
         Route("GET", "/prices/latest/{symbol}", latest_across),
         *(statistic(stat, one_source=True) for stat in STATS),
         *(statistic(stat, one_source=False) for stat in STATS),
+        candles(one_source=True),
+        candles(one_source=False),
         Route("GET", "/", dashboard_file),
         Route("GET", "/assets/{name}", dashboard_file),
         Route("GET", "/assets/vendor/{name}", dashboard_file),

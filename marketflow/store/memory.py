@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from marketflow.models import Extreme, MinuteRow, RangeStats
+from marketflow.candles import group, take
+from marketflow.models import Bucket, Extreme, MinuteRow, RangeStats
 
 
 class MemoryAggregateStore:
@@ -82,6 +83,21 @@ class MemoryAggregateStore:
             first_ms=found[0].minute,
             last_ms=found[-1].minute,
         )
+
+    def candles(
+        self,
+        exchange: str,
+        symbol: str,
+        interval_ms: int,
+        from_ms: int | None,
+        to_ms: int,
+        limit: int,
+        newest_first: bool,
+    ) -> list[tuple[int, Bucket]]:
+        self._check()
+        found = self._select(exchange, symbol, from_ms, to_ms)
+        parts = group(((r.minute, r.as_bucket()) for r in found), interval_ms)
+        return take(parts, limit, newest_first)
 
     def ping(self) -> float:
         self._check()

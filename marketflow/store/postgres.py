@@ -18,7 +18,7 @@ import psycopg
 from psycopg import errors, sql
 
 from marketflow.config import PostgresConfig
-from marketflow.models import Extreme, MinuteRow, RangeStats
+from marketflow.models import Bucket, Extreme, MinuteRow, RangeStats
 
 log = logging.getLogger("marketflow.postgres")
 
@@ -26,6 +26,8 @@ Connection = psycopg.Connection[tuple[Any, ...]]
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
+WEEK_MS = 7 * 86_400_000
+WEEK_OFFSET_MS = 4 * 86_400_000  # weeks start on Monday; 1970-01-01 was a Thursday
 # Open range bounds are clamped to these (0001-01-01 and 9999-12-31 UTC, in ms).
 MIN_MS = -62_135_596_800_000
 MAX_MS = 253_402_214_400_000
@@ -142,6 +144,122 @@ SELECT pg_is_in_recovery(), current_setting('transaction_read_only'),
        CASE WHEN to_regclass('aggregates') IS NULL THEN NULL
             ELSE has_table_privilege('aggregates', 'INSERT, UPDATE') END
 """
+
+# Candles: one key's minutes (and, for intervals of an hour or more, whole hours from the rollup)
+# grouped by interval start. `t` is the start of the interval holding the part's start,
+# computed with a floor modulo so a grid offset (weeks start on Monday) and times before 1970
+# align alike. Each branch reads at most limit x (its parts per interval) parts in the asked
+# direction: the first (or last) `limit` intervals hold no more than that, so the limit inside a
+# branch never cuts an interval the answer needs.
+_MINUTE_PARTS = """
+    SELECT (extract(epoch FROM "timestamp") * 1000)::bigint AS ms, tick_count,
+           average_price * tick_count AS price_sum, min_price, max_price, open_price,
+           (extract(epoch FROM coalesce(open_time, "timestamp")) * 1000)::bigint AS open_ms,
+           close_price,
+           (extract(epoch FROM coalesce(close_time, "timestamp" + interval '59.999 seconds'))
+            * 1000)::bigint AS close_ms
+      FROM aggregates
+     WHERE exchange = %(exchange)s AND pair_name = %(symbol)s
+       AND "timestamp" >= timestamptz 'epoch' + %({lo})s::bigint * interval '1 millisecond'
+       AND "timestamp" < timestamptz 'epoch' + %({hi})s::bigint * interval '1 millisecond'
+     ORDER BY "timestamp" {order}
+     LIMIT %(minute_rows)s
+"""
+_HOUR_PARTS = """
+    SELECT (extract(epoch FROM hour) * 1000)::bigint AS ms, tick_count, price_sum, min_price,
+           max_price, open_price, (extract(epoch FROM open_time) * 1000)::bigint AS open_ms,
+           close_price, (extract(epoch FROM close_time) * 1000)::bigint AS close_ms
+      FROM aggregates_hourly
+     WHERE exchange = %(exchange)s AND pair_name = %(symbol)s
+       AND hour >= timestamptz 'epoch' + %(hours_from)s::bigint * interval '1 millisecond'
+       AND hour < timestamptz 'epoch' + %(hours_to)s::bigint * interval '1 millisecond'
+     ORDER BY hour {order}
+     LIMIT %(hour_rows)s
+"""
+_GROUP_PARTS = """
+SELECT t AS ms, sum(tick_count)::bigint AS tick_count, sum(price_sum) AS price_sum,
+       min(min_price) AS min_price, max(max_price) AS max_price,
+       (array_agg(open_price ORDER BY open_ms))[1] AS open_price, min(open_ms) AS open_ms,
+       (array_agg(close_price ORDER BY close_ms DESC))[1] AS close_price,
+       max(close_ms) AS close_ms
+  FROM (SELECT ms - mod(mod(ms - %(offset)s, %(interval)s) + %(interval)s, %(interval)s) AS t,
+               tick_count, price_sum, min_price, max_price, open_price, open_ms, close_price,
+               close_ms
+          FROM ({parts}) AS p) AS g
+ GROUP BY t
+ ORDER BY t {order}
+ LIMIT %(limit)s
+"""
+# A one-minute candle is its minute's row, a one-hour candle its rollup row: no grouping but
+# for the minutes of a partial hour at either end.
+_AS_CANDLES = """
+SELECT ms, tick_count, price_sum, min_price, max_price, open_price, open_ms, close_price,
+       close_ms
+  FROM ({parts}) AS p
+ ORDER BY ms {order}
+ LIMIT %(limit)s
+"""
+
+
+def _candle_sql(kind: str, order: str) -> str:
+    """`kind`: "minute" (1m), "minutes" (grouped minutes), "hour" (1h), "hours" (grouped hours
+    and edge minutes)."""
+    head = _MINUTE_PARTS.format(lo="from_ms", hi="head_to", order=order)
+    hours = _HOUR_PARTS.format(order=order)
+    tail = _MINUTE_PARTS.format(lo="tail_from", hi="to_ms", order=order)
+    if kind == "minute":
+        parts = _MINUTE_PARTS.format(lo="from_ms", hi="to_ms", order=order)
+        return _AS_CANDLES.format(parts=parts, order=order)
+    if kind == "minutes":
+        parts = _MINUTE_PARTS.format(lo="from_ms", hi="to_ms", order=order)
+        return _GROUP_PARTS.format(parts=parts, order=order)
+    if kind == "hour":
+        branches = [
+            _GROUP_PARTS.format(parts=head, order=order),
+            hours,
+            _GROUP_PARTS.format(parts=tail, order=order),
+        ]
+    else:
+        every = " UNION ALL ".join(f"({b})" for b in (head, hours, tail))
+        branches = [_GROUP_PARTS.format(parts=every, order=order)]
+    return _AS_CANDLES.format(parts=" UNION ALL ".join(f"({b})" for b in branches), order=order)
+
+
+CANDLE_SQL = {
+    (kind, newest_first): _candle_sql(kind, "DESC" if newest_first else "ASC")
+    for kind in ("minute", "minutes", "hour", "hours")
+    for newest_first in (False, True)
+}
+
+
+def candle_kind(interval_ms: int) -> str:
+    if interval_ms == MINUTE_MS:
+        return "minute"
+    if interval_ms == HOUR_MS:
+        return "hour"
+    return "hours" if interval_ms > HOUR_MS else "minutes"
+
+
+def candle_params(
+    exchange: str,
+    symbol: str,
+    interval_ms: int,
+    from_ms: int | None,
+    to_ms: int,
+    limit: int,
+) -> dict[str, Any]:
+    """CANDLE_SQL's parameters: the range split as `range_params` does (whole hours from the
+    rollup, the minutes at either end), the grid, and how many parts a branch may read."""
+    params = range_params(exchange, symbol, from_ms, to_ms)
+    params.update(
+        interval=interval_ms,
+        offset=WEEK_OFFSET_MS if interval_ms == WEEK_MS else 0,
+        limit=limit,
+        minute_rows=limit * (interval_ms // MINUTE_MS),
+        hour_rows=limit * max(1, interval_ms // HOUR_MS),
+    )
+    return params
+
 
 MIGRATIONS_TABLE_SQL = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -313,6 +431,32 @@ class PostgresAggregateStore:
             first_ms=first_ms,
             last_ms=last_ms,
         )
+
+    def candles(
+        self,
+        exchange: str,
+        symbol: str,
+        interval_ms: int,
+        from_ms: int | None,
+        to_ms: int,
+        limit: int,
+        newest_first: bool,
+    ) -> list[tuple[int, Bucket]]:
+        if interval_ms % MINUTE_MS or interval_ms <= 0:
+            raise ValueError(f"not a whole number of minutes: {interval_ms}")
+        kind = candle_kind(interval_ms)
+        params = candle_params(exchange, symbol, interval_ms, from_ms, to_ms, limit)
+        found = self._call(
+            lambda conn: conn.execute(
+                CANDLE_SQL[(kind, newest_first)], params, binary=True
+            ).fetchall()
+        )
+        if newest_first:
+            found.reverse()
+        return [
+            (t, [count, total, low, high, open_, close, open_ms, close_ms])
+            for t, count, total, low, high, open_, open_ms, close, close_ms in found
+        ]
 
     def ping(self) -> float:
         def probe(conn: Connection) -> float:

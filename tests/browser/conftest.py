@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -41,17 +40,9 @@ class PageLog:
         page.on("request", lambda r: self.requests.append(r.url))
 
     def console_errors(self) -> list[tuple[str, str, str]]:
-        """Console errors and warnings, except a 404 from the candle endpoint: "no candles in
-        that range" is a 404 by contract, and the page shows it as "no candles yet"."""
+        """Console errors and warnings (a failed request among them)."""
         return [
-            (kind, text, url)
-            for kind, text, url in self.console
-            if kind in ("error", "warning")
-            and not (
-                text.startswith("Failed to load resource")
-                and "status of 404" in text
-                and urlsplit(url).path.startswith("/prices/candles/")
-            )
+            (kind, text, url) for kind, text, url in self.console if kind in ("error", "warning")
         ]
 
     def foreign_requests(self, origin: str) -> list[str]:

@@ -25,6 +25,9 @@ PATHS = [
     *[f"/prices/{s}/exchange1/BTCUSDT?period=1m" for s in ("highest", "average")],
     *[f"/prices/{s}/BTCUSDT?period=10m" for s in ("lowest", "average")],
     "/prices/average/ETHUSDT",
+    "/prices/candles/BTCUSDT?interval=15s",
+    "/prices/candles/exchange2/ETHUSDT?interval=1m",
+    "/prices/candles/BTCUSDT?interval=1h",
 ]
 
 
@@ -193,6 +196,11 @@ def test_ingest_killed_then_redis_stopped_the_api_keeps_answering(
         assert answer["fallback"] == "postgres" and answer["resolution"] == "1m"
         latest_rows = api.get("/prices/latest/exchange1/BTCUSDT").json()
         assert latest_rows["fallback"] == "postgres" and latest_rows["price"] > 0
+        candles = api.get("/prices/candles/BTCUSDT?interval=1m").json()
+        assert candles["fallback"] == "postgres" and candles["candles"]  # the written minutes
+        # The same written minutes as the statistic's (all within its 10 minutes).
+        assert sum(c["count"] for c in candles["candles"]) == answer["count"]
+        assert api.get("/prices/candles/BTCUSDT?interval=15s").status_code == 503
         assert api.get("/health/ready").status_code == 200  # PostgreSQL answers
 
         server = RedisServer(port=server.port)  # back, empty

@@ -395,7 +395,11 @@ def test_redis_keys_come_only_from_validated_names(rig: Rig) -> None:
 
 def test_sql_reaches_postgres_only_through_parameters() -> None:
     """No statement is built from data: every execute() gets a constant, a packaged migration
-    script, or psycopg's sql.SQL composition with sql.Identifier; values go as parameters."""
+    script, psycopg's sql.SQL composition with sql.Identifier, or an entry of a statement table
+    built once at import from the module's own templates (CANDLE_SQL: no request can reach it);
+    values go as parameters."""
+    from marketflow.store import postgres
+
     path = REPO / "marketflow" / "store" / "postgres.py"
     tree = ast.parse(path.read_text())
     constants = {
@@ -405,6 +409,16 @@ def test_sql_reaches_postgres_only_through_parameters() -> None:
         for target in node.targets
         if isinstance(target, ast.Name) and isinstance(node.value.value, str)
     }
+    tables = {
+        target.id
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.DictComp)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    assert tables == {"CANDLE_SQL"}
+    for text in postgres.CANDLE_SQL.values():  # complete statements, parameters left to psycopg
+        assert isinstance(text, str) and "{" not in text and "%(limit)s" in text
     calls = [
         node
         for node in ast.walk(tree)
@@ -423,6 +437,8 @@ def test_sql_reaches_postgres_only_through_parameters() -> None:
             assert statement.id in constants, text
         elif isinstance(statement, ast.Attribute):
             assert text == "migration.script", text  # the packaged sql/NNNN_*.sql files
+        elif isinstance(statement, ast.Subscript):
+            assert isinstance(statement.value, ast.Name) and statement.value.id in tables, text
         else:
             assert text.startswith("sql.SQL(") and "sql.Identifier(" in text, text
         assert not any(isinstance(n, ast.JoinedStr | ast.BinOp) for n in ast.walk(statement))

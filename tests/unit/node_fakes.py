@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from marketflow.app import build_node
 from marketflow.config import Config
@@ -55,16 +55,35 @@ class ListJournal:
         return sum(len(b) for b in self.items)
 
 
-def make_node(config: Config, *, ready: bool = True) -> Node:
-    node = build_node(
+def fake_node(
+    config: Config,
+    *,
+    store: MemoryAggregateStore | None = None,
+    clock: Callable[[], float] = lambda: NOW,
+) -> Node:
+    """A role-all node on fakes; `store` (if given) is both its writer and its reader."""
+    return build_node(
         config,
         price_store=NullPriceStore(),
-        aggregate_store=MemoryAggregateStore(),
-        query_store=MemoryAggregateStore(),
+        aggregate_store=store if store is not None else MemoryAggregateStore(),
+        query_store=store if store is not None else MemoryAggregateStore(),
         journal=ListJournal(),
         probes=False,
-        clock=lambda: NOW,
+        clock=clock,
     )
+
+
+async def take_over_all(node: Node) -> None:
+    """Own every configured source's keys, resumed by the restore rule as a start would (epoch
+    0: unfenced), so folded ticks are written and pruned like an ingesting process's."""
+    assert node.ingest is not None
+    for source in node.config.all_sources:
+        await node.ingest.take_over(source, 0)
+
+
+def make_node(config: Config, *, ready: bool = True) -> Node:
+    node = fake_node(config)
+    assert node.ingest is not None
     node.ingest.running = ready  # as if restored and started
     state = node.state
     for i, source in enumerate(("test-exchange1", "test-exchange2", "exchange1")):

@@ -127,6 +127,69 @@ async def test_postgres_down_is_503_unless_memory_covers() -> None:
     assert status == 200
 
 
+async def test_candles_across_the_current_mode_and_for_one_source() -> None:
+    app, _ = make_app()
+    second = NOW_MS // 1000 * 1000
+    status, body, _ = await call(app, "GET", "/prices/candles/btcusdt?interval=1s")
+    assert status == 200
+    assert body == {
+        "symbol": "BTCUSDT",
+        "exchange": "all",
+        "interval": "1s",
+        "candles": [
+            {
+                "t": second - 5000,
+                "open": 100.0,
+                "high": 101.0,
+                "low": 100.0,
+                "close": 101.0,
+                "average": 100.5,
+                "count": 2,
+                "closed": True,
+            },
+            {
+                "t": second - 1000,
+                "open": 101.0,
+                "high": 102.0,
+                "low": 101.0,
+                "close": 102.0,
+                "average": 101.5,
+                "count": 2,
+                "closed": False,  # ends 0.5 s before now: grace_ms (2 s) has not passed
+            },
+        ],
+    }
+    status, body, _ = await call(app, "GET", "/prices/candles/exchange1/BTCUSDT?interval=1h")
+    assert status == 200 and body["exchange"] == "exchange1" and body["interval"] == "1h"
+    [candle] = body["candles"]
+    assert candle["t"] == MINUTE * 60_000 // 3_600_000 * 3_600_000
+    assert (candle["open"], candle["close"], candle["count"]) == (102.0, 103.0, 2)
+    status, body, _ = await call(app, "GET", "/prices/candles/ETHUSDT?interval=5m&limit=3")
+    assert (status, body["candles"]) == (200, [])  # no tick, no candle
+
+
+GOOD_CANDLES = [
+    ("/prices/candles/BTCUSDT", "all", "1m"),
+    ("/prices/candles/btcusdt?interval=1s&limit=1", "all", "1s"),
+    ("/prices/candles/test-exchange1/BTCUSDT?interval=1h&end=2026-11-25T22:41:51.826Z", None, "1h"),
+    ("/prices/candles/exchange1/BTCUSDT?interval=15s&start=0", None, "15s"),
+    ("/prices/candles/BTCUSDT?interval=1w&start=0&end=9999999999999&limit=1000", "all", "1w"),
+    ("/prices/candles/BTCUSDT?interval=1d&start=2026-11-26T00:41:51%2B02:00", "all", "1d"),
+]
+
+
+@pytest.mark.parametrize(("path", "label", "interval"), GOOD_CANDLES)
+async def test_candle_queries_that_are_answered(
+    path: str, label: str | None, interval: str
+) -> None:
+    app, _ = make_app()
+    status, body, _ = await call(app, "GET", path)
+    assert status == 200, body
+    exchange = label or path.split("/")[3]
+    assert (body["symbol"], body["exchange"], body["interval"]) == ("BTCUSDT", exchange, interval)
+    assert isinstance(body["candles"], list) and "fallback" not in body
+
+
 async def test_openapi_document_covers_every_route() -> None:
     app, _ = make_app()
     status, body, _ = await call(app, "GET", "/openapi.json")
@@ -202,6 +265,25 @@ for _stat in STATS:
         *[("GET", f"/prices/{_stat}/BTCUSDT?period={p}", 400) for p in BAD_PERIODS],
         *[("GET", f"/prices/{_stat}/exchange1/BTCUSDT?period={p}", 400) for p in BAD_PERIODS],
     ]
+BAD_REQUESTS += [
+    ("GET", "/prices/candles/B", 400),
+    ("GET", "/prices/candles/XRPUSDT", 404),
+    ("GET", "/prices/candles/exchange9/BTCUSDT", 404),
+    ("GET", "/prices/candles/bad.name/BTCUSDT", 400),
+    ("GET", "/prices/candles/exchange1/XRPUSDT", 404),
+    ("GET", "/prices/candles/BTCUSDT?interval=2m", 400),
+    ("GET", "/prices/candles/BTCUSDT?interval=", 400),
+    ("GET", "/prices/candles/BTCUSDT?interval=1m&interval=5m", 400),
+    ("GET", "/prices/candles/BTCUSDT?start=10&end=10", 400),
+    ("GET", "/prices/candles/BTCUSDT?start=20&end=10", 400),
+    ("GET", "/prices/candles/BTCUSDT?limit=0", 400),
+    ("GET", "/prices/candles/BTCUSDT?limit=1001", 400),
+    ("GET", "/prices/candles/BTCUSDT?limit=5.5", 400),
+    ("GET", "/prices/candles/BTCUSDT?start=yesterday", 400),
+    ("GET", "/prices/candles/BTCUSDT?end=2026-13-01T00:00:00Z", 400),
+    ("GET", "/prices/candles/BTCUSDT?interval=1s&end=1000", 400),  # before the window
+    ("GET", "/prices/candles/test-exchange1/BTCUSDT?interval=15s&start=0&end=1000", 400),
+]
 
 
 @pytest.mark.parametrize(("method", "path", "status"), BAD_REQUESTS)

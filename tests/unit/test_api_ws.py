@@ -32,12 +32,19 @@ async def served() -> AsyncIterator[tuple[QuartTrio, Node]]:
         nursery.cancel_scope.cancel()
 
 
+OLD_CLIENT_TYPES = {"snapshot", "prices", "error"}
+
+
 async def receive(ws: WebSocket) -> dict[str, Any]:
-    with trio.fail_after(5):
-        data = await ws.receive()
-    frame = orjson.loads(data)
-    assert isinstance(frame, dict)
-    return frame
+    """The next frame as a client written before protocol v1 sees it: it ignores the `seq`
+    field and the frame types it does not know (ack, heartbeat, ...)."""
+    while True:
+        with trio.fail_after(5):
+            data = await ws.receive()
+        frame = orjson.loads(data)
+        assert isinstance(frame, dict) and isinstance(frame.pop("seq"), int)
+        if frame["type"] in OLD_CLIENT_TYPES:
+            return frame
 
 
 async def closed_with(ws: WebSocket) -> int:

@@ -10,7 +10,10 @@ import trio
 import trio.testing
 
 from marketflow.broadcast import CLOSE_GOING_AWAY, CLOSE_POLICY, Client, PriceHub
+from marketflow.health import StoreHealth
+from marketflow.minute_reader import MinuteReader
 from marketflow.state import MarketState
+from marketflow.store.memory import MemoryAggregateStore
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 TEST = ["test-exchange1", "test-exchange2"]
@@ -24,6 +27,7 @@ def make_hub(state: MarketState, current: list[str] | None = None) -> PriceHub:
     return PriceHub(
         state,
         lambda: mode,
+        stored=MinuteReader(MemoryAggregateStore(), StoreHealth("postgres")),
         symbols=SYMBOLS,
         all_sources=LIVE + TEST,
         interval_s=INTERVAL,

@@ -566,3 +566,36 @@ async def test_identical_concurrent_range_reads_share_one_store_call(
     await trio.sleep(1.5)  # past the time to live: asked again
     await reader.range_stats(ranges)
     assert store.calls == 2
+
+
+async def test_shared_reads_in_flight_only_and_bounded_retention(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    reader = MinuteReader(MemoryAggregateStore(), StoreHealth("postgres"), max_entries=3)
+    reads: list[str] = []
+
+    async def read(key: str) -> str:
+        reads.append(key)
+        await trio.sleep(0.1)
+        return key.upper()
+
+    got: list[str] = []
+
+    async def ask() -> None:
+        got.append(await reader._shared("a", lambda: read("a"), keep=False))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(ask)
+    assert got == ["A"] * 5 and reads == ["a"]  # one read shared in flight
+    assert await reader._shared("a", lambda: read("a"), keep=False) == "A"
+    assert reads == ["a", "a"]  # not kept once read
+
+    for key in "bcde":  # kept, but never more than max_entries, oldest leaving first
+        await reader._shared(key, lambda key=key: read(key))  # type: ignore[misc]
+    assert list(reader._answers) == ["c", "d", "e"]
+    await reader._shared("c", lambda: read("c"))
+    assert reads.count("c") == 1  # still fresh
+    await trio.sleep(1.0)
+    await reader._shared("f", lambda: read("f"))  # the expired ones leave as it arrives
+    assert list(reader._answers) == ["f"]
