@@ -100,6 +100,7 @@ def bench_venue(kind: str, seconds: float, repeat: int) -> dict[str, object]:
 
     return {
         "bench": "connectors",
+        "case": f"{kind} parser",
         "venue": kind,
         "frames": len(frames),
         "trade_frames": len(trade_frames),

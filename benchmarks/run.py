@@ -384,6 +384,23 @@ def candles_rows(records: list[Record]) -> list[Row]:
     return rows
 
 
+def connectors_rows(records: list[Record]) -> list[Row]:
+    rows: list[Row] = []
+    for r in records:
+        if "venue" not in r or "feed_trades_per_s" not in r:
+            continue
+        rows.append(
+            (
+                f"Connector `{r['venue']}`: trades/s per core through the whole per-frame path "
+                "(parse, map, dedup, tick rules) on its recording",
+                f"{n(r['feed_trades_per_s'])} (parser alone {n(r.get('parse_trades_per_s'))})",
+                "≥ 200,000",
+                met(r["feed_trades_per_s"] >= 200_000),
+            )
+        )
+    return rows
+
+
 def memory_rows(records: list[Record]) -> list[Row]:
     rows: list[Row] = []
     for r in records:
@@ -517,6 +534,13 @@ BENCHES: dict[str, Bench] = {
         ["--seconds", "2", "--clients", "100"],
         900,
         roles_rows,
+    ),
+    "connectors": Bench(
+        "benchmarks.bench_connectors",
+        ["--seconds", "0.5", "--repeat", "5"],
+        ["--seconds", "0.1", "--repeat", "1"],
+        300,
+        connectors_rows,
     ),
     "takeover": Bench(
         "benchmarks.bench_takeover",

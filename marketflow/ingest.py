@@ -40,7 +40,7 @@ from marketflow.models import Key, Mode
 from marketflow.pipeline import Pipeline
 from marketflow.ports import AggregateStore, Journal, PriceStore
 from marketflow.restore import Restored, prepare_postgres, restore
-from marketflow.state import KeyState, MarketState
+from marketflow.state import MarketState
 
 log = logging.getLogger("marketflow.ingest")
 
@@ -150,10 +150,12 @@ class Ingest:
         A source this process held already (a mode switch back) keeps its state."""
         keys = [(source, symbol) for symbol in self.config.app.symbols]
         if not all(k in self.state.keys and self.state.keys[k].owned for k in keys):
-            for key in keys:  # fresh: whatever a mirror held for it is replaced by the restore
-                self.state.keys[key] = KeyState(*key, owned=False)
+            # Restored aside, then swapped in without a checkpoint: while the restore waits,
+            # a mirror may still apply updates to the keys it held (harmless, they are
+            # replaced), and nothing ever mixes its seconds with a restored row.
+            scratch = MarketState(self.state.window_seconds, owned_by_default=False)
             self.restored[source] = await restore(
-                self.state,
+                scratch,
                 keys,
                 now_s=int(self.clock()),
                 window_seconds=self.config.app.window_seconds,
@@ -165,8 +167,9 @@ class Ingest:
                 postgres_limiter=self.aggregator.limiter,
             )
             for key in keys:
-                st = self.state.keys[key]
+                st = scratch.keys[key]
                 st.owned = st.rewrite = st.meta_dirty = True
+                self.state.keys[key] = st
         await self.fence(source, epoch)
         self.set_epoch(source, epoch)
 
