@@ -171,7 +171,10 @@ def test_mode_switch_flips_the_mode_and_back(marketflow: Factory, open_page: Ope
     page.goto(mf.url + "/")
     wait_for_full_board(page)
     button = page.locator("#mode-switch")
-    assert button.inner_text() == "switch to live"
+    # The board can fill before the first /mode answer names the mode on the button.
+    page.wait_for_function(
+        "() => document.getElementById('mode-switch').textContent === 'switch to live'"
+    )
     button.click()
     page.wait_for_function("() => document.getElementById('mode-name').textContent === 'live'")
     assert httpx.get(mf.url + "/mode").json()["mode"] == "live"
