@@ -471,6 +471,11 @@ class CountingFeed:
         with self._lock:
             return len(self.sent)
 
+    def per_connection(self) -> list[int]:
+        """Lines sent to each connection, in the order they were accepted."""
+        with self._lock:
+            return list(self.sent)
+
     def sent_since(self, connection: int) -> int:
         """Lines sent to the connections accepted from the `connection`-th one on."""
         with self._lock:
