@@ -165,7 +165,8 @@ def calibrate_redis(n_keys: int, flushes: int, ticks_per_key_flush: int) -> dict
         def fold_step(i: int) -> None:
             start_ms = int(clock[0] * 1000)
             for j, (source, symbol) in enumerate(keys):
-                price = 100.0 + (i * 7 + j) % 13 * 0.01
+                # Full-precision prices, as a random walk has (their text is most of a member).
+                price = 100.0 * (1 + ((i * 7919 + j * 104729) % 100_003) / 10_000_019)
                 ticks = [
                     (symbol, price, start_ms + int(k * step_ms)) for k in range(ticks_per_key_flush)
                 ]
