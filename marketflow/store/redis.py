@@ -45,6 +45,7 @@ class RedisPriceStore:
             health_check_interval=0,
             decode_responses=True,
         )
+        self.timeout_s = timeout
         self.prefix = config.key_prefix
         self.window_seconds = window_seconds
         self.ttl_seconds = ttl_seconds
@@ -178,7 +179,7 @@ class RedisPriceStore:
     def subscribe(self, *channels: str) -> Subscription:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         pubsub.subscribe(*channels)
-        return Subscription(pubsub)
+        return Subscription(pubsub, read_timeout_s=self.timeout_s)
 
     def read_windows(
         self, keys: Sequence[Key], since_s: int
@@ -229,18 +230,31 @@ class RedisPriceStore:
 class Subscription:
     """A subscription on its own connection (blocking; one reader thread at a time)."""
 
-    def __init__(self, pubsub: Any) -> None:
+    def __init__(self, pubsub: Any, *, read_timeout_s: float) -> None:
         self._pubsub = pubsub
+        self._read_timeout_s = read_timeout_s
+
+    def _waiting(self) -> bool:
+        """Whether more bytes already wait on the connection."""
+        connection = self._pubsub.connection
+        return connection is not None and bool(connection.can_read(timeout=0))
 
     def drain(self, timeout_s: float) -> list[bytes]:
-        """Wait up to `timeout_s` for a message, then take every one already there."""
+        """Wait up to `timeout_s` for a message, then take every one already there.
+
+        A further message is read only once its first bytes are there, and then whole, with the
+        connection's own timeout: redis-py reads with the timeout it is given, and with 0 it
+        gave up on a large message (an `updates` of a thousand keys is ~200 kB) whose rest was
+        still on its way, which cost the mirror its subscription."""
         out: list[bytes] = []
         message = self._pubsub.get_message(timeout=timeout_s)
         while message is not None:
             if message.get("type") in ("message", "smessage"):
                 data = message["data"]
                 out.append(data.encode() if isinstance(data, str) else data)
-            message = self._pubsub.get_message(timeout=0)
+            if not self._waiting():
+                break
+            message = self._pubsub.get_message(timeout=self._read_timeout_s)
         return out
 
     def close(self) -> None:
