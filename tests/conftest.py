@@ -9,8 +9,14 @@ which and how to start it, instead of hundreds of connection errors. A run of un
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.cluster import LocalCluster
 
 PG = ("127.0.0.1", 5432)
 REDIS = ("127.0.0.1", 6379)
@@ -54,3 +60,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"{name} at {where[name]} does not answer (start it: {HINTS[name]})" for name in down
         )
         pytest.exit(f"marketflow's tests need the real stores: {what}", returncode=3)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real 3-master Redis Cluster on free ports, shared by the session's tests (each uses its
+    own key prefix); skipped only where redis-server or redis-cli is not installed."""
+    from tests.cluster import LocalCluster, cluster_binaries_missing
+
+    missing = cluster_binaries_missing()
+    if missing:
+        pytest.skip(f"a Redis Cluster needs redis-server and redis-cli: {missing}")
+    cluster = LocalCluster(Path(tmp_path_factory.mktemp("redis-cluster")))
+    try:
+        yield cluster
+    finally:
+        cluster.close()
