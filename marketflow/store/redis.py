@@ -165,14 +165,21 @@ class RedisPriceStore:
     def _cluster_client(self) -> Any:
         with self._lock:
             if self._cluster is None:
-                self._cluster = RedisCluster(
+                options = dict(self._options)
+                # Connecting asks the cluster's first master for its commands: while that one
+                # is down, a few tries move to another master (redis-py replaces its default
+                # node between tries). Then retries are off, as for a single Redis.
+                options["retry"] = Retry(NoBackoff(), 6)
+                client = RedisCluster(
                     startup_nodes=[
                         ClusterNode(host, port)  # type: ignore[no-untyped-call]
                         for host, port in self._nodes
                     ],
                     require_full_coverage=False,
-                    **self._options,
+                    **options,
                 )
+                client.set_retry(Retry(NoBackoff(), 0))
+                self._cluster = client
             return self._cluster
 
     def sharded(self) -> bool:
@@ -180,10 +187,17 @@ class RedisPriceStore:
         if not self.cluster:
             return False
         if self._sharded is None:
-            client = self._cluster_client()
-            version = str(client.info("server", target_nodes=RedisCluster.RANDOM)["redis_version"])
-            self._sharded = int(version.split(".")[0]) >= 7
+            versions = self._on_primaries(lambda node: node.info("server")["redis_version"])
+            if not versions:
+                raise NodeError({"cluster": redis.exceptions.ConnectionError("no master answers")})
+            self._sharded = all(int(str(v).split(".")[0]) >= 7 for v in versions.values())
         return self._sharded
+
+    def _on_primaries[T](self, call: Callable[[redis.Redis], T]) -> dict[str, T]:
+        """`call` on every master that answers (the others are left out)."""
+        names = [str(node.name) for node in self._cluster_client().get_primaries()]
+        results = self._on_nodes(dict.fromkeys(names, call))
+        return {n: r for n, r in results.items() if not isinstance(r, BaseException)}
 
     def node_of(self, key: Key) -> str:
         """The cluster node holding `key`'s names (`host:port`, redis-py's slot table)."""
@@ -471,11 +485,17 @@ class RedisPriceStore:
         self._client.set(f"{self.prefix}status:{instance}", body, px=ttl_ms)
 
     def read_statuses(self) -> list[bytes]:
-        """Every live instance's status (JSON bytes as written), from every node."""
-        names = list(self._client.scan_iter(match=f"{self.prefix}status:*", count=1000))
-        if not names:
-            return []
-        values = self._batch([(n, ("GET", n)) for n in names])
+        """Every live instance's status (JSON bytes as written). In a cluster, from every master
+        that answers: an instance whose status sits on a dead master is not seen meanwhile."""
+        pattern = f"{self.prefix}status:*"
+        if self._single is not None:
+            names = list(self._single.scan_iter(match=pattern, count=1000))
+            values = self._single.mget(names) if names else []
+        else:
+            found = self._on_primaries(functools.partial(_scan_values, pattern=pattern))
+            if not found:
+                self._each_primary(lambda node, name: node.ping())  # raises, naming each
+            values = [v for node_values in found.values() for v in node_values]
         return [v.encode() if isinstance(v, str) else v for v in values if v]
 
     def publish(self, channel: str, body: bytes) -> int:
@@ -543,6 +563,16 @@ class RedisPriceStore:
             self._cluster.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+
+def _scan_values(node: redis.Redis, pattern: str) -> list[Any]:
+    """The values of one node's keys matching `pattern` (one GET each, pipelined: its keys sit
+    on different slots, which MGET refuses)."""
+    names = list(node.scan_iter(match=pattern, count=1000))
+    pipe = node.pipeline(transaction=False)
+    for name in names:
+        pipe.get(name)
+    return list(pipe.execute()) if names else []
 
 
 def _ping(node: redis.Redis) -> object:
