@@ -96,6 +96,7 @@ class LocalCluster:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.ports = [cluster_port() for _ in range(MASTERS)]
         self.servers: dict[int, ClusterNodeProcess] = {}
         try:

@@ -4,9 +4,6 @@ rewritten whole when it returns, and health names the dead master meanwhile."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import trio
 
@@ -17,23 +14,10 @@ from marketflow.metrics import Metrics
 from marketflow.models import Key
 from marketflow.state import MarketState
 from marketflow.store.redis import RedisPriceStore
-from tests.cluster import LocalCluster, cluster_binaries_missing
+from tests.cluster import LocalCluster
 
 NOW_S = 1_795_646_460  # a minute start
 KEYS: list[Key] = [(f"src{i}", f"SYM{j}USDT") for i in range(4) for j in range(5)]
-
-
-@pytest.fixture
-def own_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    """A cluster of this test's own: it kills one of its masters."""
-    missing = cluster_binaries_missing()
-    if missing:
-        pytest.skip(f"a Redis Cluster needs redis-server and redis-cli: {missing}")
-    cluster = LocalCluster(tmp_path)
-    try:
-        yield cluster
-    finally:
-        cluster.close()
 
 
 def ticks(state: MarketState, second: int, price: float) -> None:
@@ -46,8 +30,8 @@ def window_counts(store: RedisPriceStore, keys: list[Key]) -> dict[Key, int]:
     return {k: sum(int(b[0]) for _, b in v) for k, v in store.read_windows(keys, 0).items()}
 
 
-async def test_a_dead_master_holds_back_only_its_keys(own_cluster: LocalCluster) -> None:
-    config = RedisConfig(timeout_ms=500, cluster=True, nodes=own_cluster.nodes)
+async def test_a_dead_master_holds_back_only_its_keys(own_redis_cluster: LocalCluster) -> None:
+    config = RedisConfig(timeout_ms=500, cluster=True, nodes=own_redis_cluster.nodes)
     store = RedisPriceStore(config, window_seconds=300, ttl_seconds=70)
     reader = RedisPriceStore(config, window_seconds=300, ttl_seconds=70)
     state = MarketState(window_seconds=300)
@@ -63,7 +47,7 @@ async def test_a_dead_master_holds_back_only_its_keys(own_cluster: LocalCluster)
     dead_port = int(dead.rsplit(":", 1)[1])
     alive = [k for node, keys in by_node.items() if node != dead for k in keys]
 
-    own_cluster.kill(dead_port)
+    own_redis_cluster.kill(dead_port)
     for second in (1, 2, 3):
         ticks(state, second, 1.0 + second)
         assert not await flusher.flush()
@@ -74,7 +58,7 @@ async def test_a_dead_master_holds_back_only_its_keys(own_cluster: LocalCluster)
         store.probe_write()
     assert state.held_rewrites == set(by_node[dead])
 
-    own_cluster.restart(dead_port)  # back empty
+    own_redis_cluster.restart(dead_port)  # back empty
     assert reader.read_windows(by_node[dead], 0) == {}
     ticks(state, 4, 5.0)
     # Tried again after its backoff (0.5 s at first): flush until it takes its keys.
