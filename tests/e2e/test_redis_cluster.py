@@ -16,7 +16,14 @@ from tests.cluster import LocalCluster
 from tests.e2e.conftest import Factory
 from tests.e2e.test_roles import live, send_known, settled
 from tests.faults.conftest import stop, wait_accepted
-from tests.procs import CountingFeed, Marketflow, ScriptedFeed, postgres_database, wait_for
+from tests.procs import (
+    CountingFeed,
+    Marketflow,
+    ScriptedFeed,
+    Simulator,
+    postgres_database,
+    wait_for,
+)
 
 FEED_RATE = 100  # lines/s per feed
 
@@ -53,9 +60,67 @@ def test_ingest_and_api_processes_answer_alike_across_masters(
         where = cluster_keys.keys(f"{prefix}latest:*")
         assert sum(len(v) for v in where.values()) == 4
         assert sum(1 for v in where.values() if v) >= 2, where
+        # The api processes follow `updates` by SSUBSCRIBE on the channel's master.
+        port = cluster_keys.port_of(f"{prefix}updates")
+        with cluster_keys.servers[port].client() as r:
+            assert f"{prefix}updates" in r.execute_command("PUBSUB", "SHARDCHANNELS")
+            assert r.execute_command("PUBSUB", "SHARDNUMSUB", f"{prefix}updates")[1] >= 2
+        # A mode switch asked of an api process travels over the sharded `control` channel to
+        # the ingesting process, and its answer back over the sharded reply channel.
+        response = api1.client.post("/mode/test")
+        assert response.status_code == 200, response.text
+        assert response.json()["mode"] == "test" and response.json()["changed"] is True
+        assert ingest.get("/mode").json()["mode"] == "test"
+        wait_for(lambda: api2.get("/mode").json()["mode"] == "test", 5, "api follows the mode")
     finally:
         for feed in feeds:
             feed.close()
+
+
+def test_simulated_feeds_answers_match_the_cluster(
+    marketflow: Factory, cluster_keys: LocalCluster, prefix: str
+) -> None:
+    simulator = Simulator(3, seed=7)
+    try:
+        exchanges = [
+            {"name": f"exchange{i + 1}", "host": "127.0.0.1", "port": port}
+            for i, port in enumerate(simulator.ports)
+        ]
+        mf = marketflow(on_cluster(cluster_keys, {"exchanges": exchanges, "app": {"mode": "live"}}))
+        wait_for(lambda: mf.health()["status"] == "ok", 15, "healthy with three simulated feeds")
+        symbols = ["BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT"]
+        wait_for(
+            lambda: sum(len(v) for v in cluster_keys.keys(f"{prefix}latest:*").values()) == 15,
+            10,
+            "fifteen keys in the cluster",
+        )
+        for symbol in symbols:
+            assert mf.get(f"/prices/latest/{symbol}").status_code == 200
+        simulator.close()  # the prices stop moving: answers and Redis settle on the same ones
+
+        def matches() -> bool:
+            for exchange in exchanges:
+                for symbol in symbols:
+                    key = f"{prefix}latest:{{{exchange['name']}:{symbol}}}"
+                    port = cluster_keys.port_of(key)
+                    with cluster_keys.servers[port].client() as r:
+                        stored = r.hgetall(key)
+                    body = mf.get(f"/prices/latest/{exchange['name']}/{symbol}").json()
+                    if body.get("price") != float(stored["price"]):
+                        return False
+                    if body.get("timestamp") != int(stored["ts"]):
+                        return False
+            return True
+
+        wait_for(matches, 10, "every latest answer equal to the cluster's")
+        # The minute's average counts the ticks the cluster's window holds for that key.
+        key = f"{prefix}window:{{exchange1:BTCUSDT}}"
+        with cluster_keys.servers[cluster_keys.port_of(key)].client() as r:
+            held = sum(int(m.split("|")[1]) for m in r.zrange(key, 0, -1))
+        stats = mf.get("/prices/average/exchange1/BTCUSDT?period=5m").json()
+        assert 0 < stats["count"] <= held, (stats, held)
+    finally:
+        simulator.close()
 
 
 def redis_ticks(cluster: LocalCluster) -> dict[str, int]:
