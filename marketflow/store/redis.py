@@ -219,11 +219,12 @@ class RedisPriceStore:
                 return exc
 
         if len(work) <= 1:
-            return {name: run(name, call) for name, call in work.items()}
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="redis-node")
-        futures = {name: self._pool.submit(run, name, call) for name, call in work.items()}
-        results = {name: future.result() for name, future in futures.items()}
+            results = {name: run(name, call) for name, call in work.items()}
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="redis-node")
+            futures = {name: self._pool.submit(run, name, call) for name, call in work.items()}
+            results = {name: future.result() for name, future in futures.items()}
         if any(isinstance(r, _TOPOLOGY_ERRORS) for r in results.values()):
             self._refresh_slots()
         return results

@@ -176,11 +176,22 @@ def test_leases_and_epochs_share_a_master(redis_cluster: LocalCluster, prefix: s
 
 def test_statuses_are_read_from_every_master(redis_cluster: LocalCluster, prefix: str) -> None:
     store = cluster_store(redis_cluster, prefix)
-    bodies = {f"host-{i}-abcdef": f'{{"n":{i}}}'.encode() for i in range(12)}
+    # Instance ids chosen so that every master holds two statuses.
+    per_master: dict[int, list[str]] = {port: [] for port in redis_cluster.ports}
+    with redis_cluster.client() as client:
+        for i in range(10_000):
+            instance = f"host-{i}-abcdef"
+            port = int(client.get_node_from_key(f"{prefix}status:{instance}").port)
+            if len(per_master[port]) < 2:
+                per_master[port].append(instance)
+            if all(len(v) == 2 for v in per_master.values()):
+                break
+    bodies = {inst: f'{{"n":"{inst}"}}'.encode() for v in per_master.values() for inst in v}
+    assert len(bodies) == 2 * len(redis_cluster.ports)
     for instance, body in bodies.items():
         store.write_status(instance, body, 5000)
     where = redis_cluster.keys(f"{prefix}status:*")
-    assert sum(1 for names in where.values() if names) >= 2, where
+    assert all(len(names) == 2 for names in where.values()), where
     assert sorted(store.read_statuses()) == sorted(bodies.values())
     assert store.keep_mode("live", 5000) == "live"
     assert store.keep_mode("test", 5000) == "live"  # the shared one stays
