@@ -358,10 +358,17 @@ class RedisPriceStore:
                 self._node_retry.pop(name, None)
         if failed:
             lost = set(failed)
+
+            def covers(key: Key) -> bool:
+                try:
+                    return self.node_of(key) in lost
+                except Exception:  # its slot has no master now: it waits too
+                    return True
+
             raise PartialWrite(
                 node_errors(failed),
                 nodes=sorted(lost),
-                covers=lambda key: self.node_of(key) in lost,
+                covers=covers,
                 written_any=any(name not in lost for name in parts),
             )
 
