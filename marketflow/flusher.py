@@ -75,23 +75,32 @@ class RedisFlusher:
         """One flush; False if Redis refused it (the state stays marked for a full rewrite)."""
         if self._failing and not force and trio.current_time() < self._retry_at:
             return False
-        plan = self.state.take_flush(int(self.clock()))
+        now_s = int(self.clock())
+        plan = self.state.take_flush(now_s)
+        retry_only = plan is None
         if plan is None:
-            return True
-        self.seq += 1
-        plan = attrs.evolve(plan, message=self.message(plan))
+            if not self._failed_nodes:
+                return True
+            # Nothing changed, but cluster nodes failed: an empty plan lets the store try them
+            # again (a PING each, after its backoff), so their keys' rewrite does not wait for
+            # the next tick.
+            plan = FlushPlan(latest=[], buckets={}, touched=[], now_s=now_s)
+        else:
+            self.seq += 1
+            plan = attrs.evolve(plan, message=self.message(plan))
         started = time.perf_counter()
         try:
             await trio.to_thread.run_sync(self.store.write, plan, limiter=self.limiter)
         except PartialWrite as exc:
-            if exc.written_any:
+            if exc.written_any or retry_only:
                 self._nodes_failed(exc)
                 return False
             return self._failed(exc)
         except Exception as exc:  # any client error means: Redis is not usable now
             return self._failed(exc)
-        self.metrics.flush_seconds.observe(time.perf_counter() - started)
-        self.metrics.redis_commands.inc(plan_commands(plan))
+        if not retry_only:
+            self.metrics.flush_seconds.observe(time.perf_counter() - started)
+            self.metrics.redis_commands.inc(plan_commands(plan))
         if self._failing:
             log.info(
                 "redis back; retained state rewritten", extra={"ctx": {"keys": len(plan.touched)}}

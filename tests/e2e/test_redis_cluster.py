@@ -5,6 +5,7 @@ empty mid-run: nothing lost, nothing doubled, health naming the dead master mean
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -217,5 +218,69 @@ def test_a_master_killed_and_restarted_mid_run(
             assert pg_ticks(dbname) == sent  # nothing lost, nothing doubled
         finally:
             mf.close()
+            for feed in feeds:
+                feed.close()
+
+
+def test_an_api_process_follows_keys_of_a_dead_master_by_messages(
+    own_redis_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """The mirror's exactness across masters under a failure: while the master holding some keys
+    is down, their changes still reach an api process in the `updates` messages (published on
+    another master); once it is back, every answer equals the ingesting process's again."""
+    cluster = own_redis_cluster
+    feeds = [ScriptedFeed() for _ in range(2)]
+    started: list[Marketflow] = []
+    with postgres_database() as dbname:
+        try:
+
+            def start(role: str) -> Marketflow:
+                config = {
+                    "http": {},
+                    "postgres": {"dbname": dbname},
+                    "log": {"level": "info"},
+                    **on_cluster(cluster, live(feeds, role, data_dir=str(tmp_path / role))),
+                }
+                mf = Marketflow(tmp_path, json.loads(json.dumps(config)))
+                started.append(mf)
+                return mf
+
+            ingest = start("ingest")
+            for feed in feeds:
+                feed.wait_client()
+            api = start("api")
+            send_known(feeds)
+            settled([ingest, api])
+            victim = cluster.port_of("latest:{exchange1:BTCUSDT}")
+            assert cluster.port_of("updates") != victim  # the messages' master stays up
+            cluster.kill(victim)
+            named = f"redis node 127.0.0.1:{victim}"
+            wait_for(
+                lambda: named in (ingest.health()["redis"]["error"] or ""),
+                10,
+                "the ingest's health naming the dead master",
+            )
+            # Newer than every tick sent so far (send_known's last is 1 s ahead of its clock).
+            now = int(time.time() * 1000) + 2000
+            feeds[0].send([("BTCUSDT", 200.5, now), ("ETHUSDT", 300.25, now)])
+            for symbol, price in (("BTCUSDT", 200.5), ("ETHUSDT", 300.25)):
+                wait_for(
+                    lambda s=symbol, p=price: (
+                        api.get(f"/prices/latest/exchange1/{s}").json().get("price") == p
+                    ),
+                    10,
+                    f"the api process sees exchange1 {symbol} at {price}",
+                )
+            cluster.restart(victim)
+            # No tick flows now: the dead master is asked again all the same, and its keys are
+            # rewritten once it answers.
+            wait_for(lambda: ingest.health()["redis"]["status"] == "ok", 15, "redis ok again")
+            body = settled([ingest, api])
+            assert all(status == 200 for status, _ in body), body
+            with cluster.servers[victim].client() as r:
+                assert float(r.hget("latest:{exchange1:BTCUSDT}", "price") or 0) == 200.5
+        finally:
+            for mf in started:
+                mf.close()
             for feed in feeds:
                 feed.close()

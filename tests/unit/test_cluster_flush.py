@@ -217,3 +217,33 @@ async def test_every_node_failing_is_redis_down() -> None:
     assert not await flusher.flush()
     assert not state.held_rewrites
     assert all(st.rewrite for st in state.keys.values())  # the whole-state rewrite path
+
+
+async def test_a_failed_node_is_tried_again_while_nothing_changes() -> None:
+    state = folded_state()
+    store = NodeFailingStore()
+    health = StoreHealth("redis")
+    flusher = RedisFlusher(
+        state,
+        store,  # type: ignore[arg-type]
+        health,
+        Metrics(),
+        interval_s=0.1,
+        clock=lambda: T0 / 1000 + 10,
+    )
+    assert await flusher.flush()
+    store.down = {"n1"}
+    state.key(*KEYS[0]).fold([(KEYS[0][1], 30.0, T0 + 2000)])
+    assert not await flusher.flush()
+    seq = flusher.seq
+    # Quiet: no change to flush, yet the failed node is asked again (an empty plan, no message).
+    assert not await flusher.flush()
+    assert flusher.seq == seq and not health.up
+    store.down = set()
+    assert await flusher.flush()  # n1 answers: health clears, its keys are released
+    assert health.up and not state.held_rewrites
+    assert await flusher.flush()
+    assert sorted(store.written["n1"][-1].rewritten) == [KEYS[0], KEYS[2]]
+    assert flusher.seq == seq + 1  # the rewrite's resync
+    assert await flusher.flush()  # and then quiet again: nothing sent
+    assert flusher.seq == seq + 1
