@@ -418,6 +418,55 @@ def connectors_rows(records: list[Record]) -> list[Row]:
     return rows
 
 
+def scale_rows(records: list[Record]) -> list[Row]:
+    rows: list[Row] = []
+    predicted = {
+        r["case"].removesuffix(", predicted"): r
+        for r in records
+        if r["case"].startswith("run:") and r["case"].endswith(", predicted")
+    }
+    for r in records:
+        if not (r["case"].startswith("run:") and r["case"].endswith(", measured")):
+            continue
+        p = predicted.get(r["case"].removesuffix(", measured"), {})
+        cpu = r["cpu_percent"]
+        ingest_cpu = cpu["ingest1"] + cpu["ingest2"]
+        rows.append(
+            (
+                f"Scale run: {n(r['keys'])} keys ({r['feeds']} `marketflow simulate` feeds x "
+                f"{r['symbols']} symbols) through 2 ingest processes + 1 api process, "
+                f"{n(r['updates_per_s'])} updates/s: measured (model)",
+                f"Redis {n(r['redis_commands_per_s'])} ({n(p.get('redis_commands_per_s'))}) "
+                f"commands/s, {n(r['redis_bytes_in_per_s'] / 1e6, 1)} "
+                f"({n(p.get('redis_bytes_in_per_s', 0) / 1e6, 1)}) MB/s in; ingest CPU "
+                f"{n(ingest_cpu)} ({n(100 * p.get('ingest_cores', 0))}) %, api "
+                f"{n(cpu['api'])} ({n(100 * p.get('mirror_cores_per_api_process', 0))}) %, "
+                f"redis-server {n(cpu['redis-server'])} ({n(100 * p.get('redis_cores', 0))}) %; "
+                f"PostgreSQL {n(r['pg_rows_per_closed_minute'])} "
+                f"({n(p.get('pg_rows_per_min'))}) rows per closed minute, "
+                f"{r['duplicate_rows']} duplicates",
+                "-",
+                "-",
+            )
+        )
+    for r in records:
+        if r["case"].startswith("model"):
+            rows.append(
+                (
+                    "Scale model, " + r["case"].removeprefix("model").lstrip(": "),
+                    f"ingest {n(r['ingest_cores'], 1)} cores; Redis {n(r['redis_commands_per_s'])} "
+                    f"commands/s, {n(r['redis_bytes_in_per_s'] / 1e6)} MB/s in, "
+                    f"{n(r['redis_cores'], 1)} cores → {r['redis_nodes']} nodes; mirror "
+                    f"{n(r['mirror_cores_per_api_process'], 1)} cores per api process; PostgreSQL "
+                    f"{n(r['pg_rows_per_s'])} rows/s, {n(r['pg_mb_per_s'], 2)} MB/s, "
+                    f"{n(r['pg_gb_per_year'] / 1000, 1)} TB/year",
+                    "-",
+                    "-",
+                )
+            )
+    return rows
+
+
 def memory_rows(records: list[Record]) -> list[Row]:
     rows: list[Row] = []
     for r in records:
@@ -558,6 +607,13 @@ BENCHES: dict[str, Bench] = {
         ["--seconds", "0.1", "--repeat", "1"],
         300,
         connectors_rows,
+    ),
+    "scale": Bench(
+        "benchmarks.bench_scale",
+        ["--seconds", "120", "--rates", "2000,10000"],
+        ["--seconds", "5", "--warmup", "2", "--rates", "5000", "--calibrate-flushes", "10"],
+        900,
+        scale_rows,
     ),
     "takeover": Bench(
         "benchmarks.bench_takeover",

@@ -111,6 +111,9 @@ class Ownership:
         self.set_epoch = set_epoch
         self.limiter = limiter or trio.CapacityLimiter(1)
         self.held: dict[str, int] = {}  # source -> epoch (GUARD_OFF without a lease)
+        # Sources found held by another process, this one standing by for them (health):
+        # source -> the holder's instance id, or None for a process on this machine.
+        self.elsewhere: dict[str, str | None] = {}
         self.shutting_down = False  # set before the final flush: leases are kept until after it
         self.takeovers = 0
 
@@ -137,6 +140,7 @@ class Ownership:
                             extra={"ctx": {"source": source}},
                         )
                         noted = "local"
+                    self.elsewhere[source] = None
                     self.give_up(source)
                     await trio.sleep(self.renewal_s)
                     continue
@@ -150,11 +154,14 @@ class Ownership:
                             extra={"ctx": {"source": source, "holder": holder}},
                         )
                         noted = holder
+                    if holder is not None:  # else Redis did not answer: not a standby
+                        self.elsewhere[source] = holder
                     self.locks.unlock(source)
                     self.give_up(source)
                     await self._wait_free(source)
                     continue
                 noted = None
+                self.elsewhere.pop(source, None)
                 await self.take_over(source, epoch)
                 self.held[source] = epoch
                 self.takeovers += 1
@@ -162,6 +169,7 @@ class Ownership:
                 self.held.pop(source, None)
                 self.give_up(source)
         finally:
+            self.elsewhere.pop(source, None)
             if not self.shutting_down and source in self.held:
                 epoch = self.held.pop(source)
                 with trio.CancelScope(shield=True):

@@ -47,6 +47,9 @@ log = logging.getLogger("marketflow")
 
 Role = Literal["all", "ingest", "api"]
 Probe = tuple[StoreHealth, Callable[[], float], Callable[[], None] | None]
+# A source's health status that is not a fault: ingesting, or held by another process while
+# this one stands by for it.
+_RUNNING = (SourceStatus.CONNECTED.value, "standby")
 
 
 def new_instance_id() -> str:
@@ -218,6 +221,11 @@ class Node:
         current = set(pipeline.sources())
         sources = {name: source_json(stats, now) for name, stats in pipeline.stats.items()}
         ownership = ingest.ownership
+        if ownership is not None:
+            # Sources another process holds, this one standing by to take them over.
+            for name in ownership.elsewhere:
+                if name in current and name not in ownership.held and name in sources:
+                    sources[name] = {**sources[name], "status": "standby"}
         if ownership is not None and self.mirror is not None:
             # Sources another instance holds: as that instance reports them.
             for body in self.mirror.live_statuses().values():
@@ -233,7 +241,7 @@ class Node:
             not self.redis_health.up
             or not self.postgres_health.up
             or body_pipeline["pending_rows"] > 0
-            or any(sources[n]["status"] != SourceStatus.CONNECTED.value for n in current)
+            or any(sources[n]["status"] not in _RUNNING for n in current)
         ):
             status = "degraded"
         else:

@@ -147,11 +147,14 @@ class Simulator(Process):
         rate: float | None = None,
         seed: int | None = None,
         ports: list[int] | None = None,
+        symbols: list[str] | None = None,
     ) -> None:
         wanted = ports or [0] * count
         args = [PYTHON, "-m", "marketflow", "simulate", "--ports", ",".join(map(str, wanted))]
         if rate is not None:
             args += ["--rate", str(rate)]
+        if symbols is not None:
+            args += ["--symbols", ",".join(symbols)]
         if seed is not None:
             args += ["--seed", str(seed)]
         super().__init__(args)
@@ -470,6 +473,11 @@ class CountingFeed:
     def connections(self) -> int:
         with self._lock:
             return len(self.sent)
+
+    def per_connection(self) -> list[int]:
+        """Lines sent to each connection, in the order they were accepted."""
+        with self._lock:
+            return list(self.sent)
 
     def sent_since(self, connection: int) -> int:
         """Lines sent to the connections accepted from the `connection`-th one on."""
