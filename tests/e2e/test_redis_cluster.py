@@ -217,6 +217,7 @@ def test_a_master_killed_and_restarted_mid_run(
             assert total == sent
             assert pg_ticks(dbname) == sent  # nothing lost, nothing doubled
         finally:
+            print(f"--- marketflow output:\n{mf.output[-6000:]}")  # shown when the test fails
             mf.close()
             for feed in feeds:
                 feed.close()
@@ -280,7 +281,8 @@ def test_an_api_process_follows_keys_of_a_dead_master_by_messages(
             with cluster.servers[victim].client() as r:
                 assert float(r.hget("latest:{exchange1:BTCUSDT}", "price") or 0) == 200.5
         finally:
-            for mf in started:
+            for name, mf in zip(("ingest", "api"), started, strict=False):
+                print(f"--- {name} output:\n{mf.output[-6000:]}")  # shown when the test fails
                 mf.close()
             for feed in feeds:
                 feed.close()
