@@ -320,6 +320,23 @@ def roles_rows(records: list[Record]) -> list[Row]:
     return rows
 
 
+def cluster_rows(records: list[Record]) -> list[Row]:
+    rows: list[Row] = []
+    for r in records:
+        label = "one server" if r["case"] == "single" else f"{r['masters']}-master cluster"
+        rows.append(
+            (
+                f"Redis cost of {n(r['keys'])} keys at {n(r['updates_per_s'])} updates/s, {label}:"
+                " commands/s, client bytes in/s, pipelined rounds per flush",
+                f"{n(r['commands_per_s'])} commands/s, {n(r['bytes_in_per_s'] / 1e6, 2)} MB/s in, "
+                f"{r['rounds_per_flush']} rounds/flush (flush {r['flush_ms_median']} ms median)",
+                "one pipelined round per master per flush",
+                met(r["rounds_per_flush"] <= r["masters"]),
+            )
+        )
+    return rows
+
+
 def takeover_rows(records: list[Record]) -> list[Row]:
     rows: list[Row] = []
     for r in records:
@@ -604,6 +621,9 @@ BENCHES: dict[str, Bench] = {
         ["--kills", "2"],
         900,
         takeover_rows,
+    ),
+    "cluster": Bench(
+        "benchmarks.bench_cluster", ["--seconds", "10"], ["--seconds", "1"], 300, cluster_rows
     ),
 }
 

@@ -20,6 +20,7 @@ from marketflow.feeds.venues import VENUES
 
 SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 SYMBOL_RE = re.compile(r"^[A-Za-z0-9]{2,20}$")
+NODE_RE = re.compile(r"^(?:[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{1,5})$")
 PERIOD_RE = re.compile(r"^(?:[0-9]+[smhd])+$")
 DEFAULT_SYMBOLS = ["BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT"]
 
@@ -53,6 +54,17 @@ class RedisConfig:
     db: int = 0
     key_prefix: str = ""
     timeout_ms: int = 500
+    # Redis Cluster: `nodes` ("host:port", any subset of the masters) instead of host/port/db.
+    cluster: bool = False
+    nodes: list[str] = attrs.Factory(list)
+
+    def node_addresses(self) -> list[tuple[str, int]]:
+        """`nodes` as (host, port) pairs (validated by `validate`)."""
+        out = []
+        for node in self.nodes:
+            host, _, port = node.rpartition(":")
+            out.append((host.strip("[]"), int(port)))
+        return out
 
 
 EXCHANGE_KINDS = ("tcp", *VENUES)
@@ -191,6 +203,12 @@ def _strict_float(value: Any, _: type) -> float:
     return float(value)
 
 
+def _strict_bool(value: Any, _: type) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
+
+
 def _strict_str(value: Any, _: type) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {value!r}")
@@ -200,6 +218,7 @@ def _strict_str(value: Any, _: type) -> str:
 _converter.register_structure_hook(int, _strict_int)
 _converter.register_structure_hook(float, _strict_float)
 _converter.register_structure_hook(str, _strict_str)
+_converter.register_structure_hook(bool, _strict_bool)
 
 
 # Environment values arrive as strings; each key's type says how to read one.
@@ -208,6 +227,10 @@ def _env_value(raw: str, field_type: Any) -> Any:
         return int(raw)
     if field_type in ("float", float):
         return float(raw)
+    if field_type in ("bool", bool):
+        if raw.strip().lower() not in ("true", "false", "1", "0"):
+            raise ValueError(raw)
+        return raw.strip().lower() in ("true", "1")
     if field_type in ("list[str]", list[str]):
         return [part.strip() for part in raw.split(",") if part.strip()]
     return raw
@@ -365,6 +388,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"app.max_period: {app.max_period!r} is not a period like 3650d")
     ports = {"http.port": config.http.port, "postgres.port": config.postgres.port}
     ports |= {"redis.port": config.redis.port}
+    validate_cluster(config.redis)
     ports |= {f"exchanges.{e.name}.port": e.port for e in config.exchanges if e.kind == "tcp"}
     for key, port in ports.items():
         if not 0 <= port <= 65535:
@@ -373,6 +397,26 @@ def validate(config: Config) -> None:
         raise ConfigError(f"log.level: {config.log.level!r} is not debug|info|warning|error")
     if config.log.format not in ("logfmt", "json"):
         raise ConfigError(f"log.format: {config.log.format!r} is not logfmt|json")
+
+
+def validate_cluster(redis: RedisConfig) -> None:
+    """`[redis] nodes` is required (and only meaningful) with `cluster = true`."""
+    if not redis.cluster:
+        if redis.nodes:
+            raise ConfigError("redis.nodes: only used with redis.cluster = true")
+        return
+    if not redis.nodes:
+        raise ConfigError(
+            'redis.nodes: required with redis.cluster = true, e.g. ["127.0.0.1:7001"]'
+        )
+    for node in redis.nodes:
+        match = NODE_RE.fullmatch(node)
+        if match is None or not 1 <= int(match.group(1)) <= 65535:
+            raise ConfigError(f"redis.nodes: {node[:80]!r} is not host:port (port 1-65535)")
+    if len(set(redis.nodes)) != len(redis.nodes):
+        raise ConfigError("redis.nodes: a node is listed twice")
+    if redis.db != 0:
+        raise ConfigError("redis.db: a Redis Cluster has only database 0")
 
 
 def config_path(cli_path: str | None, environ: Mapping[str, str]) -> Path | None:

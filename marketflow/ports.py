@@ -6,7 +6,7 @@ carrying a whole flush or batch, so the per-tick path never waits on a thread ho
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -48,6 +48,25 @@ class FlushPlan:
     # Per touched key, the first second memory holds: the window is trimmed below it (and at
     # most to `window_seconds` when no horizon is known), never inside a held minute.
     horizons: dict[Key, int] = attrs.Factory(dict)
+
+
+class PartialWrite(Exception):
+    """A flush some Redis Cluster nodes refused: the keys on them (`covers`) were not written and
+    must be rewritten once their node answers; the other nodes' keys were written when
+    `written_any`. The message names the failed nodes."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        nodes: Sequence[str],
+        covers: Callable[[Key], bool],
+        written_any: bool,
+    ) -> None:
+        super().__init__(message)
+        self.nodes = list(nodes)
+        self.covers = covers
+        self.written_any = written_any
 
 
 class PriceStore(Protocol):

@@ -7,7 +7,7 @@ call gets copies, never live buckets.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from marketflow.live import KeyMeta
 from marketflow.models import (
@@ -188,6 +188,9 @@ class MarketState:
         self.late = 0
         self.refused = 0  # ticks refused while `refuse_new_minutes` (pending_rows_max reached)
         self.updates_total = 0
+        # Keys on a Redis Cluster node that refused writes: each is rewritten whole once its
+        # node takes writes again (the node may have come back empty).
+        self.held_rewrites: set[Key] = set()
         # Set by the aggregator while rows can be written neither to PostgreSQL nor the journal
         # and `pending_rows_max` of them are held: ticks opening a new minute are refused.
         self.refuse_new_minutes = False
@@ -248,9 +251,28 @@ class MarketState:
 
     def rewrite_all(self) -> None:
         """Redis may have lost what was written (it was down): rewrite every owned key."""
+        self.held_rewrites.clear()
         for st in self.keys.values():
             if st.owned:
                 st.rewrite = True
+
+    def hold_rewrites(self, covers: Callable[[Key], bool]) -> None:
+        """The owned keys `covers` selects sit on a Redis node that refused a write: rewrite
+        each whole once that node takes writes again (`release_rewrites`)."""
+        for key, st in self.keys.items():
+            if st.owned and covers(key):
+                self.held_rewrites.add(key)
+
+    def release_rewrites(self, failing: Callable[[Key], bool] | None = None) -> int:
+        """A flush went through (on every node, or on all but those `failing` selects): the
+        held keys whose node took it are marked for a whole rewrite. Returns how many."""
+        released = [k for k in self.held_rewrites if failing is None or not failing(k)]
+        for key in released:
+            self.held_rewrites.discard(key)
+            st = self.keys.get(key)
+            if st is not None and st.owned:
+                st.rewrite = True
+        return len(released)
 
     def oldest_dirty_minute(self) -> int | None:
         """The oldest minute (number) changed but not yet taken for writing."""

@@ -8,9 +8,16 @@ which and how to start it, instead of hundreds of connection errors. A run of un
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.cluster import LocalCluster
 
 PG = ("127.0.0.1", 5432)
 REDIS = ("127.0.0.1", 6379)
@@ -54,3 +61,32 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"{name} at {where[name]} does not answer (start it: {HINTS[name]})" for name in down
         )
         pytest.exit(f"marketflow's tests need the real stores: {what}", returncode=3)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real 3-master Redis Cluster on free ports, shared by the session's tests (each uses its
+    own key prefix); skipped only where redis-server or redis-cli is not installed."""
+    with _local_cluster(Path(tmp_path_factory.mktemp("redis-cluster"))) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_redis_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A 3-master Redis Cluster of one test's own (for a test that kills a master)."""
+    with _local_cluster(tmp_path / "redis-cluster") as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def _local_cluster(workdir: Path) -> Iterator[LocalCluster]:
+    from tests.cluster import LocalCluster, cluster_binaries_missing
+
+    missing = cluster_binaries_missing()
+    if missing:
+        pytest.skip(f"a Redis Cluster needs redis-server and redis-cli: {missing}")
+    cluster = LocalCluster(workdir)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
