@@ -128,7 +128,12 @@ def test_a_holder_cut_off_from_redis_stops_and_its_late_rows_are_refused(
 ) -> None:
     """An ingest holder behind a Redis proxy that is cut: it stops its sources once it could not
     renew for lease_ttl_ms; the standby takes over with a newer epoch; rows the cut-off holder
-    writes later (its final flush) are refused by PostgreSQL, counted and logged."""
+    writes later (its final flush) are refused by PostgreSQL, counted and logged.
+
+    The whole run must fit in one minute: if the cut-off holder's minute closed before the
+    standby registered its epoch, that row is written (rightly: the standby resumes from it) and
+    the final flush has nothing left to be refused. It takes ~15 s; start early in a minute."""
+    wait_for(lambda: time.time() % 60 < 20, 45, "the first 20 s of a minute")
     proxy = TcpProxy(6379)
     try:
         cut_off = marketflow(
