@@ -327,21 +327,25 @@ class TcpProxy:
             with self._lock:
                 self._conns += [client, upstream]
                 self.accepted += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, from_server in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pipe, args=(a, b, from_server), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_server: bool) -> None:
         try:
             while data := src.recv(65536):
-                if self.delay_s:
-                    time.sleep(self.delay_s)  # the injected latency itself
-                dst.sendall(data)
+                self._pass(data, dst, from_server)
         except OSError:
             pass
         finally:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+    def _pass(self, data: bytes, dst: socket.socket, from_server: bool) -> None:
+        """Pass one chunk on (subclasses may hold or split it)."""
+        if self.delay_s:
+            time.sleep(self.delay_s)  # the injected latency itself
+        dst.sendall(data)
 
     def cut(self) -> None:
         self._open.clear()

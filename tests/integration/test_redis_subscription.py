@@ -6,7 +6,6 @@ TimeoutError and cost the mirror its subscription every few tens of seconds.)"""
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -34,38 +33,24 @@ class PausingProxy(TcpProxy):
         super().__init__(target_port)
         self.pause_s = 0.5
         self._armed: int | None = None
+        self._held = b""
 
     def pause_after(self, n: int) -> None:
         self._armed = n
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            peer = src.getpeername()
-        except OSError:
+    def _pass(self, data: bytes, dst: socket.socket, from_server: bool) -> None:
+        n = self._armed
+        if not from_server or n is None:
+            dst.sendall(data)
             return
-        if peer != self.target:
-            super()._pipe(src, dst)  # the client's commands pass as they come
-            return
-        try:
-            while data := src.recv(65536):
-                n = self._armed
-                if n is not None:
-                    while len(data) < n:
-                        more = src.recv(65536)
-                        if not more:
-                            break
-                        data += more
-                    self._armed = None
-                    dst.sendall(data[:n])
-                    time.sleep(self.pause_s)
-                    data = data[n:]
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+        self._held += data
+        if len(self._held) < n:
+            return  # gather the first n bytes, to pass them on in one piece
+        self._armed = None
+        held, self._held = self._held, b""
+        dst.sendall(held[:n])
+        time.sleep(self.pause_s)
+        dst.sendall(held[n:])
 
 
 @pytest.fixture
