@@ -191,6 +191,7 @@ class Mirror:
         """Merge `updates` messages in order; True when the mirror must read everything again
         (a gap in a sequence, or a writer that rewrote its windows whole)."""
         resync = False
+        changed = False
         for message in raw:
             try:
                 update = decode_update(message)
@@ -200,29 +201,37 @@ class Mirror:
             if update.resync or (last is not None and update.seq != last + 1):
                 resync = True
             self._last_seq[update.instance] = update.seq
-            self.apply(update)
+            changed = self.apply(update) or changed
         for key, horizon_s in list(self._held_back.items()):
             st = self.state.keys[key]
             if st.owned:  # ingested here now: its own prune decides
                 del self._held_back[key]
             else:
                 self._set_horizon(key, st, horizon_s, st.minute_base)
-        self.on_change()
+        if changed:
+            # Only for keys this process mirrors: in role all, its own flushes' messages change
+            # nothing here, and a poke for them would move the hub's steps off its own schedule
+            # (frames then went out up to an interval after the prices they carry).
+            self.on_change()
         return resync
 
-    def apply(self, update: Update) -> None:
+    def apply(self, update: Update) -> bool:
+        """Merge one message; True when it touched a key this process mirrors (not owns)."""
         state = self.state
         self.mode = Mode(update.mode) if update.mode in ("live", "test") else self.mode
+        touched = False
         for key, price, ts in update.latest:
             st = state.key(*key)
             if st.owned:
                 continue
+            touched = True
             if ts > st.latest_ts:
                 st.latest_price, st.latest_ts = price, ts
         for key, second, bucket in update.buckets:
             st = state.key(*key)
             if st.owned or second < st.horizon_s:
                 continue
+            touched = True
             held = st.buckets.get(second)
             if held is None or bucket[COUNT] >= held[COUNT]:
                 st.buckets[second] = bucket
@@ -233,8 +242,10 @@ class Mirror:
             st = state.key(*key)
             if st.owned:
                 continue
+            touched = True
             bases = {minute // 60_000: b for minute, b in meta.bases}
             self._set_horizon(key, st, meta.horizon_ms // 1000, bases)
+        return touched
 
     def _set_horizon(
         self, key: Key, st: KeyState, horizon_s: int, bases: dict[int, Bucket]
