@@ -47,11 +47,11 @@ from benchmarks.common import (
     tree_cpu_seconds,
 )
 from tests.procs import (
-    PYTHON,
     REPO,
     Marketflow,
     Process,
     free_port,
+    hypercorn_command,
     postgres_database,
     redis_prefix,
     wait_for,
@@ -92,20 +92,10 @@ def setup(kind: str, budget_s: float) -> Iterator[tuple[Marketflow, Marketflow |
             port = free_port()
             config = live_config(Path(tmp), dbname, prefix, ports, role="api")
             config["http"] = {"port": port}
-            hypercorn = str(Path(PYTHON).with_name("hypercorn"))
             api = Marketflow(
                 Path(tmp),
                 config,
-                command=[
-                    hypercorn,
-                    "--config",
-                    "python:marketflow.hypercorn_config",
-                    "--worker-class",
-                    "trio",
-                    "--workers",
-                    "2",
-                    "marketflow.asgi:create_app()",
-                ],
+                command=hypercorn_command(2),
                 wait_ready=False,
             )
             try:

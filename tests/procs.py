@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,32 @@ def wait_for(
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s: {message} (last error: {last_error!r})")
+
+
+def live_config(feeds: Sequence[Any], **app: Any) -> dict[str, Any]:
+    """A live-mode config reading `feeds` (anything with a `.port`) as exchange1..N, with a
+    skew limit wide enough for ticks stamped in the past and a 200 ms grace; `app` overrides."""
+    return {
+        "exchanges": [
+            {"name": f"exchange{i + 1}", "host": "127.0.0.1", "port": f.port}
+            for i, f in enumerate(feeds)
+        ],
+        "app": {"mode": "live", "max_clock_skew_s": 600, "grace_ms": 200, **app},
+    }
+
+
+def hypercorn_command(workers: int) -> list[str]:
+    """marketflow under Hypercorn with `workers` workers, as the README shows it."""
+    return [
+        str(Path(PYTHON).with_name("hypercorn")),
+        "--config",
+        "python:marketflow.hypercorn_config",
+        "--worker-class",
+        "trio",
+        "--workers",
+        str(workers),
+        "marketflow.asgi:create_app()",
+    ]
 
 
 def toml_value(value: Any) -> str:

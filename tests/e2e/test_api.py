@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from tests.e2e.conftest import Factory
-from tests.procs import RedisServer, ScriptedFeed, Simulator, TcpProxy, wait_for
+from tests.procs import RedisServer, ScriptedFeed, Simulator, TcpProxy, live_config, wait_for
 
 MINUTE = 60_000
 Tick = tuple[str, float, int]
@@ -28,14 +28,7 @@ def feeds() -> Iterator[list[ScriptedFeed]]:
         f.close()
 
 
-def live(feeds: list[ScriptedFeed], **app: Any) -> dict[str, Any]:
-    return {
-        "exchanges": [
-            {"name": f"exchange{i + 1}", "host": "127.0.0.1", "port": f.port}
-            for i, f in enumerate(feeds)
-        ],
-        "app": {"mode": "live", "max_clock_skew_s": 600, "grace_ms": 200, **app},
-    }
+live = live_config
 
 
 def by_hand(ticks: list[tuple[str, Tick]], bucket_ms: int) -> dict[str, Any]:

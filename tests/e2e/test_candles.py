@@ -19,7 +19,7 @@ from marketflow.config import PostgresConfig
 from marketflow.models import MinuteRow
 from marketflow.store.postgres import PostgresAggregateStore
 from tests.e2e.conftest import Factory
-from tests.procs import Marketflow, ScriptedFeed, wait_for
+from tests.procs import Marketflow, ScriptedFeed, live_config, wait_for
 from tests.unit.test_candles import INTERVALS, align, reference
 
 MINUTE = 60_000
@@ -36,13 +36,7 @@ def feeds() -> Iterator[list[ScriptedFeed]]:
 
 
 def live(feeds: list[ScriptedFeed], **app: Any) -> dict[str, Any]:
-    return {
-        "exchanges": [
-            {"name": f"exchange{i + 1}", "host": "127.0.0.1", "port": f.port}
-            for i, f in enumerate(feeds)
-        ],
-        "app": {"mode": "live", "max_clock_skew_s": 600, "grace_ms": GRACE, **app},
-    }
+    return live_config(feeds, grace_ms=GRACE, **app)
 
 
 def send(feeds: list[ScriptedFeed], ticks: list[Sent]) -> None:

@@ -13,7 +13,15 @@ import psycopg
 import pytest
 
 from tests.e2e.conftest import Factory
-from tests.procs import PYTHON, CountingFeed, Marketflow, TcpProxy, free_port, wait_for
+from tests.procs import (
+    CountingFeed,
+    Marketflow,
+    TcpProxy,
+    free_port,
+    hypercorn_command,
+    live_config,
+    wait_for,
+)
 
 TTL_MS = 3000
 
@@ -27,13 +35,7 @@ def counting() -> Iterator[list[CountingFeed]]:
 
 
 def live(feeds: list[CountingFeed], role: str, **app: Any) -> dict[str, Any]:
-    return {
-        "exchanges": [
-            {"name": f"exchange{i + 1}", "host": "127.0.0.1", "port": f.port}
-            for i, f in enumerate(feeds)
-        ],
-        "app": {"mode": "live", "role": role, "lease_ttl_ms": TTL_MS, "grace_ms": 200, **app},
-    }
+    return live_config(feeds, role=role, lease_ttl_ms=TTL_MS, **app)
 
 
 def tick_sum(dbname: str) -> int:
@@ -57,21 +59,11 @@ def test_hypercorn_workers_ingest_each_feed_once(
     """`hypercorn --workers 2` with marketflow.hypercorn_config: each feed gets one connection,
     and PostgreSQL counts exactly the ticks sent on those connections."""
     port = free_port()
-    hypercorn = str(Path(PYTHON).with_name("hypercorn"))
     config = live(counting, "all")
     config["http"] = {"port": port}
     mf = marketflow(
         config,
-        command=[
-            hypercorn,
-            "--config",
-            "python:marketflow.hypercorn_config",
-            "--worker-class",
-            "trio",
-            "--workers",
-            "2",
-            "marketflow.asgi:create_app()",
-        ],
+        command=hypercorn_command(2),
         wait_ready=False,
     )
     wait_for(lambda: all(f.connections >= 1 for f in counting), 20, "both feeds connected")

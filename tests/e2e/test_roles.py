@@ -15,7 +15,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from tests.e2e.conftest import Factory
-from tests.procs import Marketflow, RedisServer, ScriptedFeed, wait_for
+from tests.procs import Marketflow, RedisServer, ScriptedFeed, live_config, wait_for
 
 MINUTE = 60_000
 PATHS = [
@@ -40,13 +40,7 @@ def feeds() -> Iterator[list[ScriptedFeed]]:
 
 
 def live(feeds: list[ScriptedFeed], role: str, **app: Any) -> dict[str, Any]:
-    return {
-        "exchanges": [
-            {"name": f"exchange{i + 1}", "host": "127.0.0.1", "port": f.port}
-            for i, f in enumerate(feeds)
-        ],
-        "app": {"mode": "live", "role": role, "max_clock_skew_s": 600, "grace_ms": 200, **app},
-    }
+    return live_config(feeds, role=role, **app)
 
 
 def send_known(feeds: list[ScriptedFeed], base: float = 100.0) -> int:
